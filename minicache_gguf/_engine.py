@@ -1,0 +1,123 @@
+"""Where the patched llama.cpp engine comes from and where its build lives.
+
+Standard library only: scripts/build_engine.py loads this file by path before any dependency is
+installed, and the package uses it to find the libraries that match its own source tree.
+
+An engine build is identified by a key: the hash of the pinned upstream sdist, the variant
+("patched" or "stock"), the build flags, and the bytes of every file that goes into the build
+(top-level CMakeLists.txt, native/, patches/llama.cpp/). Change any of them and the key changes,
+so stale libraries are never picked up silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+UPSTREAM_NAME = "llama-cpp-python"
+UPSTREAM_VERSION = "0.3.36"
+UPSTREAM_SDIST = f"llama_cpp_python-{UPSTREAM_VERSION}.tar.gz"
+UPSTREAM_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+LLAMA_CPP_COMMIT = "0c1e57098"  # what 0.3.36 vendors under vendor/llama.cpp
+
+VARIANTS = ("patched", "stock")
+
+# GGML_NATIVE=OFF always: a native build enables AMX on these CPUs and segfaults in
+# ggml_backend_amx_mul_mat at the first decode (FINDINGS §2).
+BASE_CMAKE_FLAGS = ("-DGGML_NATIVE=OFF", "-DCMAKE_BUILD_TYPE=Release")
+
+ENGINE_MANIFEST = "engine.json"
+LIB_DIR_ENV = "MINICACHE_GGUF_LIB_DIR"
+CACHE_ENV = "MINICACHE_GGUF_CACHE"
+
+
+class EngineNotBuilt(RuntimeError):
+    """The patched engine for this source tree has not been built (or is incomplete)."""
+
+
+def cache_dir() -> Path:
+    """Root of everything minicache-gguf caches: downloads, builds, models."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "minicache-gguf"
+
+
+def repo_root() -> Path:
+    """The source tree this package was installed from (editable install)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "native" / "minicache.h").is_file() or not (root / "patches").is_dir():
+        raise EngineNotBuilt(
+            f"{root} is not a minicache-gguf source tree (no native/minicache.h or patches/): "
+            f"install with scripts/setup.sh from a clone, or set {LIB_DIR_ENV} to a built engine"
+        )
+    return root
+
+
+def cmake_flags(variant: str, cuda: bool = False) -> list[str]:
+    if variant not in VARIANTS:
+        raise ValueError(f"engine variant {variant!r} is not valid: expected one of {VARIANTS}")
+    flags = list(BASE_CMAKE_FLAGS)
+    flags.append(f"-DMINICACHE_ENGINE={'ON' if variant == 'patched' else 'OFF'}")
+    flags.append(f"-DGGML_CUDA={'ON' if cuda else 'OFF'}")
+    return flags
+
+
+def build_inputs(variant: str, root: Path | None = None) -> list[tuple[str, Path]]:
+    """(relative name, path) of every repository file the build of `variant` reads."""
+    root = root or repo_root()
+    files = [("CMakeLists.txt", root / "CMakeLists.txt")]
+    if variant == "patched":
+        for sub in ("native", "patches/llama.cpp"):
+            for p in sorted((root / sub).rglob("*")):
+                if p.is_file() and "__pycache__" not in p.parts:
+                    files.append((p.relative_to(root).as_posix(), p))
+    return files
+
+
+def patch_series(root: Path | None = None) -> list[Path]:
+    root = root or repo_root()
+    return sorted((root / "patches" / "llama.cpp").glob("*.patch"))
+
+
+def engine_key(variant: str, cuda: bool = False, root: Path | None = None) -> str:
+    h = hashlib.sha256()
+    h.update(f"{UPSTREAM_NAME}=={UPSTREAM_VERSION} {UPSTREAM_SDIST_SHA256}\n".encode())
+    h.update(f"variant={variant}\n".encode())
+    h.update(("flags=" + " ".join(cmake_flags(variant, cuda)) + "\n").encode())
+    for name, path in build_inputs(variant, root):
+        h.update(f"{name}\n".encode())
+        h.update(hashlib.sha256(path.read_bytes()).hexdigest().encode())
+    return f"{variant}-{'cuda-' if cuda else ''}{h.hexdigest()[:16]}"
+
+
+def engine_dir(variant: str = "patched", cuda: bool = False) -> Path:
+    return cache_dir() / "engine" / engine_key(variant, cuda)
+
+
+def lib_dir(variant: str = "patched", cuda: bool = False) -> Path:
+    """Directory holding libllama.so and libggml*.so for `variant`, built and complete.
+
+    MINICACHE_GGUF_LIB_DIR overrides the lookup for the patched variant (a prebuilt engine)."""
+    if variant == "patched" and os.environ.get(LIB_DIR_ENV):
+        d = Path(os.environ[LIB_DIR_ENV]).expanduser()
+        if not (d / "libllama.so").is_file():
+            raise EngineNotBuilt(f"{LIB_DIR_ENV}={d} does not contain libllama.so")
+        return d
+    d = engine_dir(variant, cuda)
+    manifest = d / ENGINE_MANIFEST
+    if not manifest.is_file() or not (d / "lib" / "libllama.so").is_file():
+        what = "the patched engine" if variant == "patched" else "the stock reference engine"
+        flag = "" if variant == "patched" else " --stock"
+        raise EngineNotBuilt(
+            f"{what} for this source tree is not built (expected {d}); "
+            f"run: bash scripts/setup.sh{flag}"
+        )
+    return d / "lib"
+
+
+def manifest(variant: str = "patched", cuda: bool = False) -> dict:
+    d = lib_dir(variant, cuda).parent
+    return json.loads((d / ENGINE_MANIFEST).read_text())

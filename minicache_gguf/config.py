@@ -1,0 +1,98 @@
+"""MergeConfig: every knob of MiniCache cross-layer KV merging, named, typed, validated."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional, Union
+
+from .reference import RETENTION_MODES
+
+__all__ = ["MergeConfig", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """An invalid MergeConfig value; the message names the field and what is valid."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """How the KV cache merges adjacent layer pairs.
+
+    Layers S, S+1, ... are merged in pairs (S, S+1), (S+2, S+3), ...; an unpaired last layer and
+    the layers below S stay ordinary. Per merged pair and per token the cache keeps one shared
+    direction (SLERP of the two unit rows) plus each layer's norm; the `window` most recent
+    tokens and the `gamma` most distinct merged pairs are kept exact.
+    """
+
+    #: first merged layer S; None = floor(n_layer / 2) (the paper's default)
+    start_layer: Optional[int] = None
+    #: SLERP parameter in [0, 1]: 0 = the lower layer's direction, 1 = the upper layer's
+    t: float = 0.6
+    #: fraction of merged token pairs kept exact (retention), in [0, 1]
+    gamma: float = 0.05
+    #: most recent tokens kept exact before they are merged (staging), >= 1
+    window: int = 256
+    #: merge the K cache of each pair
+    merge_k: bool = True
+    #: merge the V cache of each pair
+    merge_v: bool = True
+    #: None (paper-faithful, no alignment), a calibration file path, or "auto"
+    calibration: Optional[Union[str, Path]] = None
+    #: retention rule: "topk" (bounded, default) or "threshold" (the paper's Eq. 4)
+    retention: str = "topk"
+
+    def __post_init__(self):
+        if self.start_layer is not None and not (_is_int(self.start_layer) and self.start_layer >= 0):
+            raise ConfigError(f"start_layer={self.start_layer!r} is not valid: expected None or an integer >= 0")
+        for name in ("t", "gamma"):
+            v = getattr(self, name)
+            if not (_is_real(v) and math.isfinite(v) and 0.0 <= v <= 1.0):
+                raise ConfigError(f"{name}={v!r} is not valid: expected a number in [0, 1]")
+            object.__setattr__(self, name, float(v))
+        if not (_is_int(self.window) and self.window >= 1):
+            raise ConfigError(f"window={self.window!r} is not valid: expected an integer >= 1")
+        for name in ("merge_k", "merge_v"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not valid: expected True or False")
+        if not (self.merge_k or self.merge_v):
+            raise ConfigError("merge_k=False and merge_v=False merges nothing: enable at least one")
+        if self.retention not in RETENTION_MODES:
+            raise ConfigError(f"retention={self.retention!r} is not valid: expected one of {RETENTION_MODES}")
+        cal = self.calibration
+        if cal is not None and cal != "auto":
+            if not isinstance(cal, (str, Path)):
+                raise ConfigError(f"calibration={cal!r} is not valid: expected None, 'auto' or a file path")
+            if not Path(cal).is_file():
+                raise ConfigError(f"calibration={str(cal)!r} is not valid: no such file (expected None, 'auto' or an existing calibration file)")
+
+    def resolve_start(self, n_layer: int) -> int:
+        """The first merged layer for a model with n_layer layers (validated)."""
+        if n_layer < 2:
+            raise ConfigError(f"a model with {n_layer} layer(s) has no adjacent layer pair to merge")
+        s = n_layer // 2 if self.start_layer is None else self.start_layer
+        if s > n_layer - 2:
+            raise ConfigError(
+                f"start_layer={s} is not valid for this model ({n_layer} layers): "
+                f"expected 0 <= start_layer <= {n_layer - 2} so that at least one pair fits")
+        return s
+
+    def pairs(self, n_layer: int) -> list[tuple[int, int]]:
+        """Merged layer pairs (l, l+1) for a model with n_layer layers."""
+        s = self.resolve_start(n_layer)
+        return [(l, l + 1) for l in range(s, n_layer - 1, 2)]
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(d["calibration"], Path):
+            d["calibration"] = str(d["calibration"])
+        return d

@@ -1,0 +1,99 @@
+"""`Llama`: llama-cpp-python's Llama on the patched engine, with MiniCache options.
+
+Importing this module loads llama_cpp with LLAMA_CPP_LIB_PATH pointing at the patched engine
+built for this source tree (see scripts/build_engine.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Union
+
+from . import _engine
+from .config import MergeConfig
+
+__all__ = ["Llama", "KvMergeUnavailable"]
+
+
+def _import_llama_cpp():
+    lib = _engine.lib_dir("patched")
+    mod = sys.modules.get("llama_cpp.llama_cpp")
+    if mod is not None:
+        loaded = Path(getattr(mod, "_base_path", "")).resolve()
+        if loaded != lib.resolve():
+            raise ImportError(
+                f"llama_cpp was imported before minicache_gguf and loaded libllama from {loaded}, "
+                f"not the patched engine {lib}: import minicache_gguf first "
+                f"(or set LLAMA_CPP_LIB_PATH={lib})")
+        import llama_cpp
+        return llama_cpp
+    old = os.environ.get("LLAMA_CPP_LIB_PATH")
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(lib)
+    try:
+        import llama_cpp
+    finally:
+        if old is None:
+            os.environ.pop("LLAMA_CPP_LIB_PATH", None)
+        else:
+            os.environ["LLAMA_CPP_LIB_PATH"] = old
+    return llama_cpp
+
+
+llama_cpp = _import_llama_cpp()
+
+
+class KvMergeUnavailable(NotImplementedError):
+    """kv_merge was requested but this engine build cannot merge yet."""
+
+
+# every keyword the stock constructor names; anything else is a typo stock Llama would drop
+_STOCK_OPTIONS = frozenset(
+    name for name, p in inspect.signature(llama_cpp.Llama.__init__).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+)
+
+
+def _resolve_kv_merge(kv_merge) -> Optional[MergeConfig]:
+    if kv_merge is None or kv_merge is False:
+        return None
+    if kv_merge is True:
+        return MergeConfig()
+    if isinstance(kv_merge, MergeConfig):
+        return kv_merge
+    raise TypeError(f"kv_merge={kv_merge!r} is not valid: expected True, False or a MergeConfig")
+
+
+class Llama(llama_cpp.Llama):
+    """Drop-in for llama_cpp.Llama on the patched engine.
+
+    Differences from the stock class:
+      - model_path defaults to the default model (SmolLM2-135M-Instruct Q4_1);
+      - unknown keyword arguments raise TypeError instead of being silently ignored;
+      - kv_merge=True | MergeConfig(...) selects MiniCache cross-layer KV merging.
+    """
+
+    def __init__(self, model_path: Optional[Union[str, os.PathLike]] = None, *,
+                 kv_merge: Union[bool, MergeConfig, None] = False, **kwargs):
+        unknown = sorted(set(kwargs) - _STOCK_OPTIONS)
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, sorted(_STOCK_OPTIONS | {"kv_merge"}), n=1)
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise TypeError(
+                f"Llama() got unknown keyword argument(s) {', '.join(hints)}; valid options are "
+                f"kv_merge and llama_cpp.Llama's: {', '.join(sorted(_STOCK_OPTIONS))}")
+        self.merge_config = _resolve_kv_merge(kv_merge)
+        if self.merge_config is not None:
+            raise KvMergeUnavailable(
+                "kv_merge is not available yet in this engine build: the patch series does not "
+                "contain the merged KV cache yet (it lands with the engine issue). "
+                f"Requested: {self.merge_config}. Use kv_merge=False for now.")
+        if model_path is None:
+            from .model import default_model_path
+            model_path = default_model_path()
+        super().__init__(str(model_path), **kwargs)

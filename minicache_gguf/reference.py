@@ -1,0 +1,213 @@
+"""NumPy reference of the MiniCache native core (native/minicache.h): the oracle for the C code.
+
+Same contract, same function signatures as :mod:`minicache_gguf.native`; rows are the last axis.
+Arithmetic is float64, rounded once to the output dtype (float16 outputs go float64 -> float32 ->
+float16, as the C code does). See native/minicache.h for the degenerate-input rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ANGLE_EPS = 1e-6
+RETENTION_MODES = ("topk", "threshold")
+
+__all__ = [
+    "ANGLE_EPS", "RETENTION_MODES", "MergeResult", "row_norms", "slerp", "merge", "restore",
+    "angular_distance", "retain_count", "retain_select", "fp32_to_fp16", "fp16_to_fp32",
+]
+
+
+@dataclass
+class MergeResult:
+    dir: np.ndarray    # [n_rows, n_embd] unit directions, in the requested dtype
+    norm0: np.ndarray  # [n_rows] float32, norms of the (unrotated) first rows
+    norm1: np.ndarray  # [n_rows] float32
+    dist: np.ndarray   # [n_rows] float32 angular distance in [0, 1]
+
+
+def _rows(x) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float16):
+        raise TypeError(f"rows must be float32 or float16, got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise ValueError(f"rows must be a 2-D array [n_rows, n_embd >= 1], got shape {x.shape}")
+    return x.astype(np.float64)
+
+
+def _check_t(t: float) -> float:
+    t = float(t)
+    if not (0.0 <= t <= 1.0):
+        raise ValueError(f"t={t} is not valid: expected 0 <= t <= 1")
+    return float(np.float32(t))
+
+
+def _check_rot(rot, n: int):
+    if rot is None:
+        return None
+    rot = np.asarray(rot, dtype=np.float32)
+    if rot.shape != (n, n):
+        raise ValueError(f"rot must be a [{n}, {n}] matrix, got shape {rot.shape}")
+    if not np.all(np.isfinite(rot)):
+        raise ValueError("rot contains NaN or Inf")
+    return rot.astype(np.float64)
+
+
+def _out(x64: np.ndarray, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return x64.astype(np.float32)
+    if dtype == np.float16:
+        with np.errstate(over="ignore"):
+            return x64.astype(np.float32).astype(np.float16)
+    raise TypeError(f"output dtype must be float32 or float16, got {dtype}")
+
+
+def _norm(x64: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.sqrt(np.sum(x64 * x64, axis=-1))
+
+
+def _unit(x64: np.ndarray, nrm: np.ndarray) -> np.ndarray:
+    ok = (nrm > 0) & np.isfinite(nrm)
+    safe = np.where(ok, nrm, 1.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.where(ok[:, None], x64 / safe[:, None], 0.0)
+
+
+def _slerp_units(u0, n0, u1, n1, t: float):
+    """Row-wise SLERP of unit rows (zero rows allowed); returns (e, dist) in float64."""
+    n_rows, n = u0.shape
+    e = np.zeros_like(u0)
+    dist = np.zeros(n_rows)
+
+    nonfinite = ~np.isfinite(n0) | ~np.isfinite(n1)
+    zero = ~nonfinite & ((n0 == 0) | (n1 == 0))
+    regular = ~nonfinite & ~zero
+
+    dist[nonfinite] = 1.0
+    e[zero] = np.where((n0[zero] == 0)[:, None], u1[zero], u0[zero])
+
+    a, b = u0[regular], u1[regular]
+    omega = 2.0 * np.arctan2(np.sqrt(np.sum((a - b) ** 2, axis=1)), np.sqrt(np.sum((a + b) ** 2, axis=1)))
+    out = np.empty_like(a)
+
+    small = omega < ANGLE_EPS
+    anti = ~small & (np.pi - omega < ANGLE_EPS)
+    gen = ~small & ~anti
+
+    out[small] = (1.0 - t) * a[small] + t * b[small]
+
+    if np.any(anti):
+        ua = a[anti]
+        k = np.argmin(np.abs(ua), axis=1)  # first index on ties, as the C loop
+        p = -ua[np.arange(len(ua)), k][:, None] * ua
+        p[np.arange(len(ua)), k] += 1.0
+        pn = np.sqrt(np.sum(p * p, axis=1))
+        p = np.where(pn[:, None] > 0, p / np.where(pn > 0, pn, 1.0)[:, None], 0.0)
+        out[anti] = np.cos(t * np.pi) * ua + np.sin(t * np.pi) * p
+
+    og = omega[gen]
+    so = np.sin(og)
+    w0 = np.sin((1.0 - t) * og) / so
+    w1 = np.sin(t * og) / so
+    out[gen] = w0[:, None] * a[gen] + w1[:, None] * b[gen]
+
+    e[regular] = out
+    dist[regular] = omega / np.pi
+    return e, dist
+
+
+def row_norms(x) -> np.ndarray:
+    return _norm(_rows(x)).astype(np.float32)
+
+
+def slerp(u0, u1, t: float):
+    """SLERP between the directions of two vectors; returns (out float32, dist float)."""
+    a = np.asarray(u0, dtype=np.float32).astype(np.float64)[None, :]
+    b = np.asarray(u1, dtype=np.float32).astype(np.float64)[None, :]
+    if a.shape != b.shape or a.shape[1] < 1:
+        raise ValueError(f"u0 and u1 must be 1-D of the same length >= 1, got {a.shape[1:]} and {b.shape[1:]}")
+    t = _check_t(t)
+    na, nb = _norm(a), _norm(b)
+    e, d = _slerp_units(_unit(a, na), na, _unit(b, nb), nb, t)
+    return e[0].astype(np.float32), float(np.float32(d[0]))
+
+
+def _merge(x0, x1, t, rot):
+    a, b = _rows(x0), _rows(x1)
+    if a.shape != b.shape:
+        raise ValueError(f"x0 and x1 must have the same shape, got {a.shape} and {b.shape}")
+    t = _check_t(t)
+    r = _check_rot(rot, a.shape[1])
+    na, nb = _norm(a), _norm(b)
+    if r is not None:
+        ar = a @ r
+        ua = _unit(ar, np.where(np.isfinite(na), _norm(ar), na))
+    else:
+        ua = _unit(a, na)
+    e, d = _slerp_units(ua, na, _unit(b, nb), nb, t)
+    return e, na, nb, d
+
+
+def merge(x0, x1, t: float, rot=None, out_dtype=np.float32) -> MergeResult:
+    e, na, nb, d = _merge(x0, x1, t, rot)
+    return MergeResult(_out(e, out_dtype), na.astype(np.float32), nb.astype(np.float32), d.astype(np.float32))
+
+
+def angular_distance(x0, x1, rot=None) -> np.ndarray:
+    return _merge(x0, x1, 0.5, rot)[3].astype(np.float32)
+
+
+def restore(dir, norm, rot=None, out_dtype=np.float32) -> np.ndarray:
+    e = _rows(dir)
+    s = np.asarray(norm, dtype=np.float32).astype(np.float64)
+    if s.shape != (e.shape[0],):
+        raise ValueError(f"norm must have shape ({e.shape[0]},), got {s.shape}")
+    r = _check_rot(rot, e.shape[1])
+    y = e @ r.T if r is not None else e
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _out(y * s[:, None], out_dtype)
+
+
+def retain_count(n: int, gamma: float) -> int:
+    g = float(np.float32(gamma))
+    if n <= 0 or not g > 0:
+        return 0
+    return int(min(n, np.ceil(g * n - 1e-9)))
+
+
+def retain_select(dist, gamma: float, mode: str = "topk") -> np.ndarray:
+    """Boolean mask of the pairs to keep exact (the most distinct ones)."""
+    d = np.asarray(dist, dtype=np.float32)
+    if d.ndim != 1:
+        raise ValueError(f"dist must be 1-D, got shape {d.shape}")
+    g = float(gamma)
+    if not (0.0 <= g <= 1.0):
+        raise ValueError(f"gamma={gamma} is not valid: expected 0 <= gamma <= 1")
+    if mode not in RETENTION_MODES:
+        raise ValueError(f"retention mode {mode!r} is not valid: expected one of {RETENTION_MODES}")
+    if not np.all(np.isfinite(d)):
+        raise ValueError("dist contains NaN or Inf")
+    keep = np.zeros(d.shape, dtype=bool)
+    if d.size == 0:
+        return keep
+    if mode == "threshold":
+        g32 = float(np.float32(g))
+        dmin, dmax = float(d.min()), float(d.max())
+        return d.astype(np.float64) > dmin + (dmax - dmin) * (1.0 - g32)
+    k = retain_count(d.size, g)
+    order = np.lexsort((np.arange(d.size), -d.astype(np.float64)))  # dist desc, index asc
+    keep[order[:k]] = True
+    return keep
+
+
+def fp32_to_fp16(x) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return np.asarray(x, dtype=np.float32).astype(np.float16)
+
+
+def fp16_to_fp32(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float16).astype(np.float32)

@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""Build the patched llama.cpp engine (or the stock reference) for this source tree.
+
+    python scripts/build_engine.py                 # patched engine (libllama + MiniCache core)
+    python scripts/build_engine.py --stock         # unpatched reference, same flags
+    python scripts/build_engine.py --sdist-path    # fetch + verify the upstream sdist, print its path
+
+Steps: fetch the pinned llama-cpp-python sdist with pip and verify its sha256; extract its
+vendored llama.cpp; apply patches/llama.cpp/*.patch in order (a patch that does not apply stops
+the build, naming it); build once with GGML_NATIVE=OFF through the top-level CMakeLists.txt;
+install libllama.so + libggml*.so into <cache>/engine/<key>/lib. The key hashes every input
+(upstream, patches, native sources, flags): an unchanged tree is a no-op, a changed one rebuilds.
+The source and build trees per variant are kept and updated by content, so a rebuild after a
+patch change only recompiles what the change touched.
+
+Standard library only: it runs before any dependency is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_engine_module():
+    spec = importlib.util.spec_from_file_location("_mc_engine", ROOT / "minicache_gguf" / "_engine.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+E = _load_engine_module()
+
+
+def die(msg: str) -> None:
+    print(f"build_engine: error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def say(msg: str) -> None:
+    print(f"build_engine: {msg}", flush=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_sdist() -> Path:
+    """The pinned upstream sdist, downloaded once with pip and verified on every use."""
+    dest_dir = E.cache_dir() / "downloads"
+    dest = dest_dir / E.UPSTREAM_SDIST
+    if not dest.is_file():
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        say(f"fetching {E.UPSTREAM_NAME}=={E.UPSTREAM_VERSION} sdist with pip")
+        with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   "--disable-pip-version-check", "-d", tmp, f"{E.UPSTREAM_NAME}=={E.UPSTREAM_VERSION}"]
+            r = subprocess.run(cmd)
+            got = Path(tmp) / E.UPSTREAM_SDIST
+            if r.returncode != 0 or not got.is_file():
+                die(f"pip could not download {E.UPSTREAM_NAME}=={E.UPSTREAM_VERSION} (command: {' '.join(cmd)})")
+            os.replace(got, dest)
+    digest = sha256_file(dest)
+    if digest != E.UPSTREAM_SDIST_SHA256:
+        bad = dest.with_suffix(".rejected")
+        os.replace(dest, bad)
+        die(f"{E.UPSTREAM_SDIST} has sha256 {digest}, expected {E.UPSTREAM_SDIST_SHA256}; "
+            f"moved it to {bad}")
+    return dest
+
+
+def extract_llama_cpp(sdist: Path, dest: Path) -> None:
+    prefix = f"llama_cpp_python-{E.UPSTREAM_VERSION}/vendor/llama.cpp/"
+    with tarfile.open(sdist) as tf:
+        members = []
+        for m in tf.getmembers():
+            if m.name.startswith(prefix) and len(m.name) > len(prefix):
+                m.name = m.name[len(prefix):]
+                members.append(m)
+        if not members:
+            die(f"{sdist} has no {prefix}: not the expected upstream sdist")
+        tf.extractall(dest, members=members, filter="data")
+
+
+def apply_patches(tree: Path, patches: list[Path]) -> None:
+    for p in patches:
+        args = ["patch", "-p1", "--forward", "--batch", "--fuzz=0", "--no-backup-if-mismatch",
+                "-d", str(tree), "-i", str(p)]
+        dry = subprocess.run(args + ["--dry-run"], capture_output=True, text=True)
+        if dry.returncode != 0:
+            die(f"patch {p.name} does not apply to llama.cpp {E.LLAMA_CPP_COMMIT} "
+                f"(llama-cpp-python {E.UPSTREAM_VERSION}):\n{dry.stdout}{dry.stderr}")
+        subprocess.run(args, check=True, capture_output=True)
+        say(f"applied {p.name}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if b.is_symlink() or a.is_symlink():
+        return a.is_symlink() and b.is_symlink() and os.readlink(a) == os.readlink(b)
+    if not b.is_file() or a.stat().st_size != b.stat().st_size:
+        return False
+    return a.read_bytes() == b.read_bytes()
+
+
+def sync_tree(src: Path, dst: Path) -> int:
+    """Make dst equal to src by content. Changed files get a fresh mtime (so make rebuilds
+    exactly them); unchanged files keep theirs. Returns the number of files written/removed."""
+    changed = 0
+    wanted = set()
+    for s in src.rglob("*"):
+        if s.is_dir() and not s.is_symlink():
+            continue
+        rel = s.relative_to(src)
+        wanted.add(rel)
+        d = dst / rel
+        if _same_file(s, d):
+            continue
+        d.parent.mkdir(parents=True, exist_ok=True)
+        if d.is_symlink() or d.exists():
+            d.unlink()
+        if s.is_symlink():
+            os.symlink(os.readlink(s), d)
+        else:
+            shutil.copyfile(s, d)
+            shutil.copymode(s, d)
+        changed += 1
+    if dst.exists():
+        for d in sorted(dst.rglob("*"), reverse=True):
+            rel = d.relative_to(dst)
+            if d.is_symlink() or d.is_file():
+                if rel not in wanted:
+                    d.unlink()
+                    changed += 1
+            elif d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+    return changed
+
+
+def prepare_source(variant: str, cuda: bool, sdist: Path) -> Path:
+    """<cache>/engine/src-<variant>: CMakeLists.txt + native/ + llama.cpp/ (patched or not)."""
+    eng = E.cache_dir() / "engine"
+    eng.mkdir(parents=True, exist_ok=True)
+    src = eng / f"src-{variant}{'-cuda' if cuda else ''}"
+    with tempfile.TemporaryDirectory(dir=eng) as tmp:
+        want = Path(tmp)
+        extract_llama_cpp(sdist, want / "llama.cpp")
+        if variant == "patched":
+            apply_patches(want / "llama.cpp", E.patch_series(ROOT))
+            shutil.copytree(ROOT / "native", want / "native",
+                            ignore=shutil.ignore_patterns("__pycache__", "*.o", "*.so"))
+        shutil.copyfile(ROOT / "CMakeLists.txt", want / "CMakeLists.txt")
+        n = sync_tree(want, src)
+    say(f"source tree {src}: {n} file(s) updated")
+    return src
+
+
+def run_build(src: Path, build: Path, flags: list[str], jobs: int, log: Path) -> None:
+    build.mkdir(parents=True, exist_ok=True)
+    configure = ["cmake", "-S", str(src), "-B", str(build), f"-DLLAMA_CPP_SOURCE_DIR={src / 'llama.cpp'}"] + flags
+    compile_ = ["cmake", "--build", str(build), "-j", str(jobs)]
+    with open(log, "w") as lf:
+        for cmd in (configure, compile_):
+            lf.write("$ " + " ".join(cmd) + "\n")
+            lf.flush()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            last_pct = -10
+            for line in proc.stdout:
+                lf.write(line)
+                if line.startswith("[") and "%]" in line[:8]:
+                    pct = int(line[1:line.index("%")].strip() or 0)
+                    if pct >= last_pct + 10:
+                        say(f"compiling ... {pct}%")
+                        last_pct = pct
+            if proc.wait() != 0:
+                lf.flush()
+                tail = log.read_text().splitlines()[-60:]
+                die(f"command failed: {' '.join(cmd)}\n" + "\n".join(tail) + f"\n(full log: {log})")
+
+
+def install_libs(build: Path, dest_lib: Path) -> list[str]:
+    dest_lib.mkdir(parents=True)
+    names = []
+    for p in sorted((build / "bin").iterdir()):
+        if p.name.startswith(("libllama.so", "libggml")) and ".so" in p.name:
+            if p.is_symlink():
+                os.symlink(os.readlink(p), dest_lib / p.name)
+            else:
+                shutil.copy2(p, dest_lib / p.name)
+            names.append(p.name)
+    if not (dest_lib / "libllama.so").exists():
+        die(f"the build produced no libllama.so in {build / 'bin'}")
+    return names
+
+
+def check_libs(lib: Path, variant: str) -> None:
+    """Load what was built: libllama resolves its ggml siblings through $ORIGIN; the patched
+    variant exports the native core, the stock one must not."""
+    llama = ctypes.CDLL(str(lib / "libllama.so"))
+    has_core = hasattr(llama, "minicache_version")
+    if variant == "patched" and not has_core:
+        die("patched libllama does not export minicache_version: native core not linked")
+    if variant == "stock" and has_core:
+        die("stock libllama exports minicache_version: the stock build is not stock")
+
+
+def build(variant: str, cuda: bool, jobs: int, force: bool) -> Path:
+    key = E.engine_key(variant, cuda, ROOT)
+    out = E.cache_dir() / "engine" / key
+    if not force and (out / E.ENGINE_MANIFEST).is_file() and (out / "lib" / "libllama.so").is_file():
+        say(f"{variant} engine up to date: {out / 'lib'}")
+        return out / "lib"
+    t0 = time.time()
+    sdist = fetch_sdist()
+    src = prepare_source(variant, cuda, sdist)
+    build_dir = E.cache_dir() / "engine" / f"build-{variant}{'-cuda' if cuda else ''}"
+    flags = E.cmake_flags(variant, cuda)
+    log = build_dir.with_suffix(".log")
+    say(f"building {variant} engine ({' '.join(flags)}, {jobs} jobs); log: {log}")
+    run_build(src, build_dir, flags, jobs, log)
+    tmp_out = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    libs = install_libs(build_dir, tmp_out / "lib")
+    check_libs(tmp_out / "lib", variant)
+    manifest = {
+        "key": key,
+        "variant": variant,
+        "cuda": cuda,
+        "upstream": f"{E.UPSTREAM_NAME}=={E.UPSTREAM_VERSION}",
+        "upstream_sha256": E.UPSTREAM_SDIST_SHA256,
+        "llama_cpp_commit": E.LLAMA_CPP_COMMIT,
+        "cmake_flags": flags,
+        "patches": [{"name": p.name, "sha256": sha256_file(p)} for p in E.patch_series(ROOT)]
+        if variant == "patched" else [],
+        "libraries": libs,
+        "build_seconds": round(time.time() - t0, 1),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.platform(),
+    }
+    (tmp_out / E.ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp_out, out)
+    say(f"{variant} engine built in {manifest['build_seconds']} s: {out / 'lib'}")
+    return out / "lib"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stock", action="store_true", help="build the unpatched reference engine")
+    ap.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=ON")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs")
+    ap.add_argument("--force", action="store_true", help="rebuild even if the engine is up to date")
+    ap.add_argument("--sdist-path", action="store_true", help="fetch/verify the upstream sdist and print its path")
+    a = ap.parse_args()
+    if a.jobs < 1:
+        die(f"--jobs {a.jobs} is not valid: expected a positive integer")
+    for tool in ("cmake", "patch", "cc", "c++"):
+        if shutil.which(tool) is None:
+            die(f"'{tool}' not found on PATH: run scripts/setup.sh (it installs the build tools)")
+    if a.sdist_path:
+        print(fetch_sdist())
+        return
+    build("stock" if a.stock else "patched", a.cuda, a.jobs, a.force)
+
+
+if __name__ == "__main__":
+    main()

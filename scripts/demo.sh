@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Setup (idempotent) + the main job on the default model: generate a reply on the patched engine.
+#   bash scripts/demo.sh ["your prompt"]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PROMPT=${1:-"In two sentences, why does a long context need so much memory in a language model?"}
+.venv/bin/minicache-gguf info
+exec .venv/bin/minicache-gguf generate -p "$PROMPT" -n 96
