@@ -97,3 +97,8 @@ class Llama(llama_cpp.Llama):
             from .model import default_model_path
             model_path = default_model_path()
         super().__init__(str(model_path), **kwargs)
+
+    def close(self) -> None:
+        # __init__ may refuse options before the stock constructor ran: nothing to free then
+        if hasattr(self, "_stack"):
+            super().close()

@@ -144,7 +144,8 @@ def _merge(x0, x1, t, rot):
     r = _check_rot(rot, a.shape[1])
     na, nb = _norm(a), _norm(b)
     if r is not None:
-        ar = a @ r
+        with np.errstate(invalid="ignore", over="ignore"):
+            ar = a @ r
         ua = _unit(ar, np.where(np.isfinite(na), _norm(ar), na))
     else:
         ua = _unit(a, na)
@@ -176,7 +177,7 @@ def retain_count(n: int, gamma: float) -> int:
     g = float(np.float32(gamma))
     if n <= 0 or not g > 0:
         return 0
-    return int(min(n, np.ceil(g * n - 1e-9)))
+    return int(min(n, np.ceil(g * n - 1e-7 * n)))
 
 
 def retain_select(dist, gamma: float, mode: str = "topk") -> np.ndarray:

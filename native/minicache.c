@@ -428,7 +428,9 @@ int64_t minicache_retain_count(int64_t n, float gamma) {
     if (n <= 0 || !(gamma > 0.0f)) {
         return 0;
     }
-    double k = ceil((double) gamma * (double) n - 1e-9);
+    // gamma arrives as float: 0.2f * 10 = 2.00000003, which must give 2, not 3. The float
+    // rounding of gamma is below n * 2^-24 in gamma * n; forgive up to 1e-7 * n of excess.
+    double k = ceil((double) gamma * (double) n - 1e-7 * (double) n);
     if (k > (double) n) {
         k = (double) n;
     }

@@ -135,7 +135,8 @@ MINICACHE_API int32_t minicache_angular_distance(
         const float                 * rot,
         float                       * dist);
 
-// ceil(gamma * n), ignoring a 1e-9 excess from rounding (0.05 * 100 gives 5, not 6); clamped to n.
+// ceil(gamma * n), forgiving an excess of up to 1e-7 * n from gamma's float rounding (0.05f * 100
+// gives 5, not 6); clamped to [0, n].
 MINICACHE_API int64_t minicache_retain_count(int64_t n, float gamma);
 
 // Select the token pairs to keep exact among n merged pairs with distances dist (finite).

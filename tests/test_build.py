@@ -1,0 +1,111 @@
+"""The build: pinned upstream, patch series, cache key, clear failures."""
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minicache_gguf import _engine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_build_script():
+    spec = importlib.util.spec_from_file_location("build_engine", ROOT / "scripts" / "build_engine.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def copy_inputs(dst: Path) -> Path:
+    shutil.copyfile(ROOT / "CMakeLists.txt", dst / "CMakeLists.txt")
+    shutil.copytree(ROOT / "native", dst / "native", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "patches", dst / "patches")
+    return dst
+
+
+def test_key_tracks_every_input(tmp_path):
+    root = copy_inputs(tmp_path)
+    k0 = _engine.engine_key("patched", root=root)
+    assert k0 == _engine.engine_key("patched", root=root)  # deterministic
+    assert k0 == _engine.engine_key("patched")  # the copy is byte-identical to the tree
+    assert _engine.engine_key("patched", cuda=True, root=root) != k0
+    stock = _engine.engine_key("stock", root=root)
+
+    patch = sorted((root / "patches" / "llama.cpp").glob("*.patch"))[0]
+    patch.write_text(patch.read_text() + "\n")
+    k1 = _engine.engine_key("patched", root=root)
+    (root / "native" / "minicache.c").write_text((root / "native" / "minicache.c").read_text() + "\n")
+    k2 = _engine.engine_key("patched", root=root)
+    assert len({k0, k1, k2}) == 3
+    assert _engine.engine_key("stock", root=root) == stock  # stock does not read native/ or patches/
+
+
+def test_flags_are_portable():
+    for variant in _engine.VARIANTS:
+        assert "-DGGML_NATIVE=OFF" in _engine.cmake_flags(variant)
+    assert _engine.manifest("patched")["cmake_flags"] == _engine.cmake_flags("patched")
+    with pytest.raises(ValueError, match="'debug' is not valid"):
+        _engine.cmake_flags("debug")
+
+
+def test_series_applies_in_order_to_pinned_upstream(tmp_path, capsys):
+    b = load_build_script()
+    sdist = b.fetch_sdist()  # cached; sha256 verified again
+    assert b.sha256_file(sdist) == _engine.UPSTREAM_SDIST_SHA256
+    b.extract_llama_cpp(sdist, tmp_path / "llama.cpp")
+    b.apply_patches(tmp_path / "llama.cpp", _engine.patch_series())
+    assert "LLAMA_MINICACHE_DIR" in (tmp_path / "llama.cpp" / "src" / "CMakeLists.txt").read_text()
+    # applying the series twice must fail, naming the patch
+    with pytest.raises(SystemExit):
+        b.apply_patches(tmp_path / "llama.cpp", _engine.patch_series()[:1])
+    err = capsys.readouterr().err
+    assert f"patch {_engine.patch_series()[0].name} does not apply" in err
+
+
+def test_foreign_patch_is_refused_by_name(tmp_path, capsys):
+    b = load_build_script()
+    tree = tmp_path / "tree"
+    (tree / "src").mkdir(parents=True)
+    (tree / "src" / "llama.cpp").write_text("int a;\nint b;\nint c;\n")
+    bad = tmp_path / "0099-foreign.patch"
+    bad.write_text("--- a/src/llama.cpp\n+++ b/src/llama.cpp\n@@ -1,3 +1,3 @@\n int x;\n-int y;\n+int z;\n int w;\n")
+    with pytest.raises(SystemExit):
+        b.apply_patches(tree, [bad])
+    assert "patch 0099-foreign.patch does not apply" in capsys.readouterr().err
+    assert (tree / "src" / "llama.cpp").read_text() == "int a;\nint b;\nint c;\n"  # untouched
+
+
+def test_sync_tree_rewrites_only_changed_files(tmp_path):
+    b = load_build_script()
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d").mkdir(parents=True)
+    (src / "a").write_text("1")
+    (src / "d" / "b").write_text("2")
+    assert b.sync_tree(src, dst) == 2
+    assert b.sync_tree(src, dst) == 0
+    (src / "a").write_text("3")
+    (dst / "stale").write_text("x")
+    assert b.sync_tree(src, dst) == 2
+    assert (dst / "a").read_text() == "3" and not (dst / "stale").exists()
+
+
+def test_unchanged_tree_is_a_noop():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_engine.py")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "patched engine up to date" in r.stdout
+
+
+def test_missing_engine_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(_engine.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(_engine.LIB_DIR_ENV, raising=False)
+    with pytest.raises(_engine.EngineNotBuilt, match="run: bash scripts/setup.sh"):
+        _engine.lib_dir("patched")
+    with pytest.raises(_engine.EngineNotBuilt, match="setup.sh --stock"):
+        _engine.lib_dir("stock")
+    monkeypatch.setenv(_engine.LIB_DIR_ENV, str(tmp_path))
+    with pytest.raises(_engine.EngineNotBuilt, match="does not contain libllama.so"):
+        _engine.lib_dir("patched")

@@ -1,0 +1,44 @@
+"""The console script, run as a user would."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CLI = [str(Path(sys.executable).with_name("minicache-gguf"))]
+
+
+def run(*args):
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=300)
+
+
+def test_help_has_examples():
+    r = run("--help")
+    assert r.returncode == 0 and "examples:" in r.stdout and "generate" in r.stdout
+    r = run("generate", "--help")
+    assert r.returncode == 0 and "example:" in r.stdout
+
+
+def test_info_reports_the_build():
+    r = run("info")
+    assert r.returncode == 0, r.stderr
+    assert "llama-cpp-python==0.3.36" in r.stdout and "-DGGML_NATIVE=OFF" in r.stdout
+    assert "0001-build-link-minicache-native-core.patch" in r.stdout
+
+
+def test_generate_raw_json():
+    r = run("generate", "--raw", "-p", "One, two, three,", "-n", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stderr.strip().splitlines()[-1])
+    assert summary["prompt_tokens"] > 0 and summary["generated_tokens"] >= 1
+    assert r.stdout.strip()
+
+
+def test_errors_are_one_line():
+    r = run("generate", "-p", "x", "-n", "0")
+    assert r.returncode == 2 and "-n 0 is not valid" in r.stderr
+    r = run("generate", "-p", "x", "-m", "/nonexistent/model.gguf")
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "error:" in r.stderr and "Traceback" not in r.stderr
+    r = run("frobnicate")
+    assert r.returncode == 2 and "invalid choice" in r.stderr

@@ -1,0 +1,329 @@
+"""The native core (C, called inside the patched libllama) against the NumPy reference.
+
+Tolerances: both sides compute in float64 and round once, so float32 outputs agree to ~1 ulp
+(asserted: 2e-6 absolute on unit directions and distances, 2e-6 relative on norms and restored
+rows); float16 outputs agree to 1 f16 ulp (asserted: 1e-3 absolute on unit directions).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from minicache_gguf import native, reference
+
+ROOT = Path(__file__).resolve().parent.parent
+IMPLS = [pytest.param(reference, id="numpy"), pytest.param(native, id="native")]
+DTYPES = [np.float32, np.float16]
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
+def adversarial_pairs(draw_kind: str, x0: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Make x1 from x0 according to an edge case."""
+    if draw_kind == "random":
+        return rng.standard_normal(x0.shape).astype(x0.dtype)
+    if draw_kind == "identical":
+        return x0.copy()
+    if draw_kind == "scaled":
+        with np.errstate(over="ignore"):
+            return (x0.astype(np.float32) * 3.5).astype(x0.dtype)
+    if draw_kind == "opposite":
+        return (-x0.astype(np.float32) * 0.25).astype(x0.dtype)
+    if draw_kind == "zero":
+        return np.zeros_like(x0)
+    if draw_kind == "near":
+        return (x0.astype(np.float32) + np.float32(1e-4) * rng.standard_normal(x0.shape).astype(np.float32)).astype(x0.dtype)
+    raise AssertionError(draw_kind)
+
+
+@st.composite
+def row_pairs(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    n_rows = draw(st.integers(0, 12))
+    n_embd = draw(st.integers(1, 48))
+    lim = 6e4 if dtype == np.float16 else 1e6
+    x0 = draw(hnp.arrays(dtype, (n_rows, n_embd),
+                         elements=st.floats(-lim, lim, width=16 if dtype == np.float16 else 32,
+                                            allow_nan=False, allow_infinity=False)))
+    scale = draw(st.sampled_from([1.0, 1e-3, 1e3] if dtype == np.float16 else [1.0, 1e-20, 1e-3, 1e3, 1e20]))
+    x0 = (x0.astype(np.float64) * scale).astype(dtype) if dtype == np.float32 else (x0.astype(np.float64) * scale).clip(-6e4, 6e4).astype(dtype)
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    kinds = draw(st.lists(st.sampled_from(["random", "identical", "scaled", "opposite", "zero", "near"]),
+                          min_size=n_rows, max_size=n_rows))
+    x1 = np.empty_like(x0)
+    for i, k in enumerate(kinds):
+        x1[i] = adversarial_pairs(k, x0[i:i + 1], rng)[0]
+    if draw(st.booleans()):
+        x0, x1 = x1, x0
+    return x0, x1, seed
+
+
+def assert_merge_close(a: reference.MergeResult, b: reference.MergeResult, out_dtype):
+    atol = 1e-3 if out_dtype == np.float16 else 2e-6
+    np.testing.assert_allclose(a.dir.astype(np.float64), b.dir.astype(np.float64), rtol=0, atol=atol)
+    np.testing.assert_allclose(a.norm0, b.norm0, rtol=2e-6)
+    np.testing.assert_allclose(a.norm1, b.norm1, rtol=2e-6)
+    np.testing.assert_allclose(a.dist, b.dist, rtol=0, atol=2e-6)
+
+
+def test_cdef_mirrors_header():
+    declared = native.header_prototypes(ROOT / "native" / "minicache.h")
+    assert len(declared) >= 13
+    bound = {name for name in declared if f"{name}(" in native.CDEF}
+    assert bound == declared, f"not mirrored in native.CDEF: {declared - bound}"
+
+
+def test_core_comes_from_patched_libllama():
+    from minicache_gguf import _engine
+
+    assert native.version() == "0.1.0"
+    assert _engine.manifest("patched")["variant"] == "patched"
+
+
+# --- float16 storage --------------------------------------------------------------------------
+
+def test_fp16_to_fp32_exhaustive():
+    h = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    got, want = native.fp16_to_fp32(h), h.astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def test_fp32_to_fp16_matches_numpy_rounding():
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 1 << 32, size=400_000, dtype=np.uint64).astype(np.uint32)
+    # and every float32 near the f16 range edges, subnormals and rounding ties
+    edges = np.array([65504, 65519.99, 65520, 65536, 6.1035156e-05, 5.9604645e-08, 2.9802322e-08,
+                      2.9802326e-08, 1.0, 1.0004883, 1.0009766, -0.0, np.inf, -np.inf, np.nan], dtype=np.float32)
+    x = np.concatenate([bits.view(np.float32), edges, np.nextafter(edges, np.float32(np.inf)),
+                        np.nextafter(edges, np.float32(-np.inf))]).astype(np.float32)
+    got, want = native.fp32_to_fp16(x), reference.fp32_to_fp16(x)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
+
+
+# --- C versus NumPy ---------------------------------------------------------------------------
+
+@SETTINGS
+@given(row_pairs(), st.floats(0, 1), st.sampled_from(DTYPES), st.booleans())
+def test_merge_native_equals_reference(pair, t, out_dtype, with_rot):
+    x0, x1, seed = pair
+    rot = random_orthogonal(x0.shape[1], np.random.default_rng(seed)) if with_rot else None
+    assert_merge_close(native.merge(x0, x1, t, rot, out_dtype), reference.merge(x0, x1, t, rot, out_dtype), out_dtype)
+    np.testing.assert_allclose(native.angular_distance(x0, x1, rot), reference.angular_distance(x0, x1, rot), atol=2e-6)
+
+
+@SETTINGS
+@given(row_pairs(), st.sampled_from(DTYPES), st.booleans())
+def test_restore_native_equals_reference(pair, out_dtype, with_rot):
+    x0, x1, seed = pair
+    rot = random_orthogonal(x0.shape[1], np.random.default_rng(seed)) if with_rot else None
+    m = reference.merge(x0, x1, 0.6, rot, np.float32)
+    for norm, r in ((m.norm0, rot), (m.norm1, None)):
+        got = native.restore(m.dir, norm, r, out_dtype).astype(np.float64)
+        want = reference.restore(m.dir, norm, r, out_dtype).astype(np.float64)
+        tol = (1e-3 if out_dtype == np.float16 else 2e-6) * np.maximum(norm[:, None].astype(np.float64), 1e-30)
+        assume(np.all(np.isfinite(want)))  # overflow to f16 inf is checked in its own test
+        assert np.all(np.abs(got - want) <= tol + 1e-30)
+
+
+@SETTINGS
+@given(row_pairs())
+def test_row_norms_native_equals_reference(pair):
+    x0, _, _ = pair
+    np.testing.assert_allclose(native.row_norms(x0), reference.row_norms(x0), rtol=2e-6)
+
+
+@SETTINGS
+@given(st.lists(st.floats(0, 1, width=32), max_size=300), st.floats(0, 1), st.sampled_from(reference.RETENTION_MODES))
+def test_retention_native_equals_reference(dist, gamma, mode):
+    d = np.array(dist, dtype=np.float32)
+    assert np.array_equal(native.retain_select(d, gamma, mode), reference.retain_select(d, gamma, mode))
+
+
+def test_nonfinite_rows_native_equals_reference():
+    x0 = np.array([[1, 2, np.nan], [np.inf, 0, 1], [1, 1, 1], [0, 0, 0]], dtype=np.float32)
+    x1 = np.array([[1, 2, 3], [1, 0, 1], [-np.inf, 1, 1], [np.nan, 0, 0]], dtype=np.float32)
+    a, b = native.merge(x0, x1, 0.5), reference.merge(x0, x1, 0.5)
+    assert_merge_close(a, b, np.float32)
+    assert np.all(a.dist == 1.0) and np.all(a.dir == 0.0)
+    for norm in (a.norm0, a.norm1):
+        r = native.restore(a.dir, norm)
+        assert not np.any(np.isfinite(r[~np.isfinite(norm)]))  # never a silently finite row
+
+
+def test_transposed_view_equals_contiguous():
+    """A V cache stored transposed ([n_embd, kv_size]) is merged in place through strides."""
+    rng = np.random.default_rng(1)
+    vt0 = rng.standard_normal((64, 40)).astype(np.float16)  # [n_embd, n_tokens] as llama.cpp's v_trans
+    vt1 = rng.standard_normal((64, 40)).astype(np.float16)
+    a = native.merge(vt0.T, vt1.T, 0.6, out_dtype=np.float16)
+    b = native.merge(np.ascontiguousarray(vt0.T), np.ascontiguousarray(vt1.T), 0.6, out_dtype=np.float16)
+    for f in ("dir", "norm0", "norm1", "dist"):
+        assert np.array_equal(getattr(a, f), getattr(b, f))
+
+
+# --- properties, run against both implementations ---------------------------------------------
+
+def angle(a, b):
+    a = a / np.linalg.norm(a)
+    b = b / np.linalg.norm(b)
+    return 2 * np.arctan2(np.linalg.norm(a - b), np.linalg.norm(a + b))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_slerp_endpoints_and_midpoint(impl):
+    rng = np.random.default_rng(2)
+    u0, u1 = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    e0, _ = impl.slerp(u0, u1, 0.0)
+    e1, _ = impl.slerp(u0, u1, 1.0)
+    np.testing.assert_allclose(e0, u0 / np.linalg.norm(u0), atol=1e-6)
+    np.testing.assert_allclose(e1, u1 / np.linalg.norm(u1), atol=1e-6)
+    for t in (0.25, 0.5, 0.6):
+        e, d = impl.slerp(u0, u1, t)
+        w = angle(u0.astype(np.float64), u1.astype(np.float64))
+        assert abs(np.linalg.norm(e) - 1) < 1e-6
+        assert d == pytest.approx(w / np.pi, abs=1e-6)
+        assert angle(u0, e) == pytest.approx(t * w, abs=1e-5)
+        assert angle(e, u1) == pytest.approx((1 - t) * w, abs=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_slerp_degenerate_cases(impl):
+    u = np.array([3.0, -4.0, 0.0, 12.0], dtype=np.float32)
+    e, d = impl.slerp(u, u * 2, 0.6)  # identical direction: lerp fallback
+    np.testing.assert_allclose(e, u / 13, atol=1e-7)
+    assert d == 0.0
+    e, d = impl.slerp(u, -u, 0.5)  # opposite: deterministic perpendicular, distance 1
+    assert d == 1.0
+    assert abs(np.linalg.norm(e) - 1) < 1e-6 and abs(float(e @ u)) < 1e-5
+    np.testing.assert_array_equal(e, impl.slerp(u, -u, 0.5)[0])
+    e, d = impl.slerp(u, np.zeros(4, np.float32), 0.5)  # a zero row: the other direction, lossless
+    np.testing.assert_allclose(e, u / 13, atol=1e-7)
+    assert d == 0.0
+    e, d = impl.slerp(np.zeros(4, np.float32), np.zeros(4, np.float32), 0.5)
+    assert np.all(e == 0) and d == 0.0
+    e, d = impl.slerp(np.array([2.0], np.float32), np.array([-1.0], np.float32), 0.5)  # 1-D, antipodal
+    assert d == 1.0 and np.all(np.isfinite(e))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_identical_rows_restore_exactly(impl, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((32, 96)).astype(dtype)
+    m = impl.merge(x, x, 0.6, out_dtype=dtype)
+    tol = 1e-3 if dtype == np.float16 else 1e-6
+    np.testing.assert_allclose(impl.restore(m.dir, m.norm0, out_dtype=np.float32), x.astype(np.float32), atol=tol * 4)
+    assert np.all(m.dist < 1e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rotation_aligns_and_restores(impl):
+    """x1 = c * x0 @ R: with R the merge is lossless for both layers; without it, it is not."""
+    rng = np.random.default_rng(4)
+    r = random_orthogonal(64, rng)
+    x0 = rng.standard_normal((50, 64)).astype(np.float32)
+    x1 = (x0 @ r * 1.7).astype(np.float32)
+    m = impl.merge(x0, x1, 0.6, rot=r)
+    assert np.all(m.dist < 1e-3)
+    np.testing.assert_allclose(impl.restore(m.dir, m.norm0, rot=r), x0, atol=1e-4)
+    np.testing.assert_allclose(impl.restore(m.dir, m.norm1), x1, atol=1e-4)
+    plain = impl.merge(x0, x1, 0.6)
+    assert np.median(plain.dist) > 0.3
+    assert np.abs(impl.restore(plain.dir, plain.norm0) - x0).max() > 0.5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_retention_topk_and_threshold(impl):
+    d = np.array([0.1, 0.9, 0.5, 0.9, 0.2, 0.7, 0.3, 0.4, 0.6, 0.8], dtype=np.float32)
+    keep = impl.retain_select(d, 0.2, "topk")  # ceil(0.2 * 10) = 2: the two 0.9s
+    assert keep.tolist() == [False, True, False, True, False, False, False, False, False, False]
+    keep = impl.retain_select(d, 0.1, "topk")  # one slot, tie on 0.9: lower index wins
+    assert np.flatnonzero(keep).tolist() == [1]
+    # threshold: d > 0.1 + 0.8 * (1 - 0.3) = 0.66
+    assert np.flatnonzero(impl.retain_select(d, 0.3, "threshold")).tolist() == [1, 3, 5, 9]
+    assert not impl.retain_select(d, 0.0, "topk").any()
+    assert not impl.retain_select(d, 0.0, "threshold").any()
+    assert impl.retain_select(d, 1.0, "topk").all()
+    assert impl.retain_select(d, 1.0, "threshold").sum() == 9  # all but the minimum
+    assert not impl.retain_select(np.full(5, 0.3, np.float32), 0.5, "threshold").any()
+    assert impl.retain_select(np.zeros(0, np.float32), 0.5).size == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_retain_count(impl):
+    assert impl.retain_count(100, 0.05) == 5  # not 6 from 0.05f's rounding excess
+    assert impl.retain_count(100, 0.051) == 6
+    assert impl.retain_count(7, 0.05) == 1
+    assert impl.retain_count(0, 0.5) == 0
+    assert impl.retain_count(10, 1.0) == 10
+    assert impl.retain_count(10, 0.2) == 2
+    assert impl.retain_count(1_000_000, 0.3) == 300_000
+    assert impl.retain_count(1_000_000, 0.3000005) == 300_001
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_invalid_arguments_raise(impl):
+    x = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="t=1.5"):
+        impl.merge(x, x, 1.5)
+    with pytest.raises(ValueError, match="t=nan"):
+        impl.merge(x, x, float("nan"))
+    with pytest.raises(ValueError, match="same shape"):
+        impl.merge(x, np.ones((3, 5), np.float32), 0.5)
+    with pytest.raises(TypeError, match="float64"):
+        impl.merge(x.astype(np.float64), x, 0.5)
+    with pytest.raises(ValueError, match=r"rot must be a \[4, 4\]"):
+        impl.merge(x, x, 0.5, rot=np.eye(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="gamma=1.5"):
+        impl.retain_select(np.zeros(3, np.float32), 1.5)
+    with pytest.raises(ValueError, match="'best'"):
+        impl.retain_select(np.zeros(3, np.float32), 0.5, "best")
+    with pytest.raises((ValueError, native.MinicacheError), match="NaN"):
+        impl.retain_select(np.array([0.1, np.nan], np.float32), 0.5)
+    bad_rot = np.eye(4, dtype=np.float32)
+    bad_rot[0, 0] = np.nan
+    with pytest.raises((ValueError, native.MinicacheError), match="NaN"):
+        impl.merge(x, x, 0.5, rot=bad_rot)
+
+
+def test_c_status_codes():
+    """The C entry points refuse bad arguments themselves (the engine calls them directly)."""
+    lib, ffi = native.load(), native._ffi
+    x = np.ones((2, 4), np.float32)
+    v = native._view(x)
+    out = np.empty((2, 4), np.float32)
+    o = native._view(out)
+    f = native._fptr
+    assert lib.minicache_merge(v, v, 2, 4, 0.5, ffi.NULL, o, ffi.NULL, ffi.NULL, ffi.NULL) == lib.MINICACHE_OK
+    assert lib.minicache_merge(ffi.NULL, v, 2, 4, 0.5, ffi.NULL, o, ffi.NULL, ffi.NULL, ffi.NULL) == lib.MINICACHE_ERR_NULL
+    assert lib.minicache_merge(v, v, -1, 4, 0.5, ffi.NULL, o, ffi.NULL, ffi.NULL, ffi.NULL) == lib.MINICACHE_ERR_SIZE
+    assert lib.minicache_merge(v, v, 2, 0, 0.5, ffi.NULL, o, ffi.NULL, ffi.NULL, ffi.NULL) == lib.MINICACHE_ERR_SIZE
+    assert lib.minicache_merge(v, v, 2, 4, float("nan"), ffi.NULL, o, ffi.NULL, ffi.NULL, ffi.NULL) == lib.MINICACHE_ERR_PARAM
+    bad = native._view(x)
+    bad.type = 7
+    assert lib.minicache_merge(bad, v, 2, 4, 0.5, ffi.NULL, o, ffi.NULL, ffi.NULL, ffi.NULL) == lib.MINICACHE_ERR_TYPE
+    assert lib.minicache_restore(v, ffi.NULL, 2, 4, ffi.NULL, o) == lib.MINICACHE_ERR_NULL
+    d = np.array([0.5, 0.2], np.float32)
+    keep = np.zeros(2, np.uint8)
+    assert lib.minicache_retain_select(f(d), 2, 0.5, 9, f(keep, "uint8_t *")) == lib.MINICACHE_ERR_PARAM
+    assert lib.minicache_retain_select(f(d), 2, -0.1, 0, f(keep, "uint8_t *")) == lib.MINICACHE_ERR_PARAM
+    for s in range(-6, 1):
+        assert ffi.string(lib.minicache_status_str(s)) != b"unknown status"
