@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -221,6 +222,20 @@ def check_libs(lib: Path, variant: str) -> None:
         die("stock libllama exports minicache_version: the stock build is not stock")
 
 
+KEEP_BUILDS = 3
+
+
+def prune_old_engines(variant: str, cuda: bool, keep: Path) -> None:
+    """Keep the KEEP_BUILDS most recent engine builds of this flavour (switching branches back
+    and forth stays a no-op); remove older ones and leftovers of interrupted installs."""
+    flavour = re.compile(rf"^{variant}-{'cuda-' if cuda else ''}[0-9a-f]{{16}}(\.tmp)?$")
+    dirs = [d for d in (E.cache_dir() / "engine").iterdir() if d.is_dir() and flavour.match(d.name)]
+    done = sorted((d for d in dirs if not d.name.endswith(".tmp")), key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in [d for d in dirs if d.name.endswith(".tmp")] + done[KEEP_BUILDS:]:
+        if d != keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def build(variant: str, cuda: bool, jobs: int, force: bool) -> Path:
     key = E.engine_key(variant, cuda, ROOT)
     out = E.cache_dir() / "engine" / key
@@ -257,6 +272,7 @@ def build(variant: str, cuda: bool, jobs: int, force: bool) -> Path:
     (tmp_out / E.ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp_out, out)
+    prune_old_engines(variant, cuda, out)
     say(f"{variant} engine built in {manifest['build_seconds']} s: {out / 'lib'}")
     return out / "lib"
 
