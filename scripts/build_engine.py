@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import importlib.util
 import json
 import os
@@ -45,6 +44,7 @@ def _load_engine_module():
 
 
 E = _load_engine_module()
+sha256_file = E.sha256_file
 
 
 def die(msg: str) -> None:
@@ -54,14 +54,6 @@ def die(msg: str) -> None:
 
 def say(msg: str) -> None:
     print(f"build_engine: {msg}", flush=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch_sdist() -> Path:
