@@ -30,7 +30,7 @@ def _cmd_info(args) -> int:
     print(f"patches:      {', '.join(p['name'] for p in m['patches']) or '(none)'}")
     print(f"native core:  {native.version()} (linked into {_engine.lib_dir('patched') / 'libllama.so'})")
     print(f"default model: {default_model_path()}")
-    print("kv merging:   not available in this build yet (engine issue)")
+    print("kv merging:   available (kv_merge=True / MergeConfig); aligned merging (calibration) not yet")
     return 0
 
 

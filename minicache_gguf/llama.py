@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from . import _engine
-from .config import MergeConfig
+from .config import ConfigError, MergeConfig
 
 __all__ = ["Llama", "KvMergeUnavailable"]
 
@@ -87,16 +87,66 @@ class Llama(llama_cpp.Llama):
             raise TypeError(
                 f"Llama() got unknown keyword argument(s) {', '.join(hints)}; valid options are "
                 f"kv_merge and llama_cpp.Llama's: {', '.join(sorted(_STOCK_OPTIONS))}")
-        self.merge_config = _resolve_kv_merge(kv_merge)
-        if self.merge_config is not None:
-            raise KvMergeUnavailable(
-                "kv_merge is not available yet in this engine build: the patch series does not "
-                "contain the merged KV cache yet (it lands with the engine issue). "
-                f"Requested: {self.merge_config}. Use kv_merge=False for now.")
+        self.merge_config = cfg = _resolve_kv_merge(kv_merge)
         if model_path is None:
             from .model import default_model_path
             model_path = default_model_path()
-        super().__init__(str(model_path), **kwargs)
+        if cfg is None:
+            super().__init__(str(model_path), **kwargs)
+            return
+
+        from . import engine
+
+        if cfg.calibration is not None:
+            raise KvMergeUnavailable(
+                f"calibration={cfg.calibration!r}: aligned merging (calibration files) is not available in "
+                "this build yet; use calibration=None (the paper's unaligned merge)")
+        for name in ("type_k", "type_v"):
+            t = kwargs.get(name)
+            if t is not None and t not in (llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_F32):
+                raise ValueError(f"{name}={t} is not supported with kv_merge: merged layers are stored as "
+                                 f"f16 ({llama_cpp.GGML_TYPE_F16}) or f32 ({llama_cpp.GGML_TYPE_F32})")
+        if kwargs.get("embedding"):
+            raise ValueError("embedding=True is not supported with kv_merge (it uses several sequences)")
+        # the ubatch size llama-cpp-python will use: the staging pool must hold one whole ubatch
+        n_ctx = kwargs.get("n_ctx", 512)
+        n_batch = min(n_ctx, kwargs.get("n_batch", 512)) if n_ctx else kwargs.get("n_batch", 512)
+        n_ubatch = min(n_batch, kwargs.get("n_ubatch", 512))
+        engine.set_pending(engine.params_from_config(cfg, n_ubatch))
+        try:
+            super().__init__(str(model_path), **kwargs)
+        except ValueError as e:
+            why = engine.last_error()
+            if why:
+                raise ConfigError(f"kv_merge: {why}") from e
+            raise
+        finally:
+            engine.set_pending(None)
+        stats = engine.get_stats(self._ctx.ctx)
+        if stats is None or stats.start_layer < 0:
+            self.close()
+            raise ConfigError(
+                f"kv_merge: the memory of this model ({self.metadata.get('general.architecture', '?')}) "
+                "is not a KV cache MiniCache can merge (recurrent or hybrid models)")
+
+    def kv_stats(self):
+        """The KV cache's layout and fill as measured by the engine (engine.KvStats)."""
+        from . import engine
+
+        stats = engine.get_stats(self._ctx.ctx)
+        if stats is None:
+            raise ValueError("this model's memory is not a KV cache (recurrent model): no KV stats")
+        return stats
+
+    def save_state(self):
+        if self.merge_config is not None:
+            raise KvMergeUnavailable("save_state() of a merged KV cache is not supported yet (kv_merge=False works)")
+        return super().save_state()
+
+    def load_state(self, state) -> None:
+        if self.merge_config is not None:
+            raise KvMergeUnavailable("load_state() into a merged KV cache is not supported yet (kv_merge=False works)")
+        return super().load_state(state)
 
     def close(self) -> None:
         # __init__ may refuse options before the stock constructor ran: nothing to free then

@@ -48,17 +48,18 @@ def test_unknown_keyword_is_an_error(model_path):
         Llama(model_path, kv_mrege=True, verbose=False)
 
 
-def test_kv_merge_not_available_yet(model_path):
-    from minicache_gguf import KvMergeUnavailable, Llama
+def test_kv_merge_options(model_path):
+    from minicache_gguf import Llama
 
-    with pytest.raises(KvMergeUnavailable, match="kv_merge is not available yet"):
-        Llama(model_path, kv_merge=True, verbose=False)
-    with pytest.raises(KvMergeUnavailable, match="t=0.5"):
-        Llama(model_path, kv_merge=MergeConfig(t=0.5), verbose=False)
+    llm = Llama(model_path, n_ctx=256, kv_merge=True, verbose=False)
+    assert llm.merge_config == MergeConfig()
+    assert llm.kv_stats().merged_layer_pairs == 7
     with pytest.raises(TypeError, match="kv_merge='yes' is not valid"):
         Llama(model_path, kv_merge="yes", verbose=False)
     with pytest.raises(ConfigError, match="gamma=3"):
         Llama(model_path, kv_merge=MergeConfig(gamma=3), verbose=False)
+    off = Llama(model_path, n_ctx=256, verbose=False)
+    assert off.merge_config is None and off.kv_stats().start_layer == -1 and off.kv_stats().ratio == 1.0
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

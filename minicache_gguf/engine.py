@@ -1,0 +1,185 @@
+"""cffi binding of the MiniCache engine C API (include/llama-minicache.h, added by patch 0002).
+
+Mirrors the header 1:1; `minicache_gguf.Llama` is the friendly layer on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from cffi import FFI
+
+from . import _engine
+from .config import MergeConfig
+
+__all__ = ["KvStats", "CELL_STATES", "load", "params_from_config", "set_pending", "last_error",
+           "get_stats", "get_rows", "get_cells"]
+
+# mirror of include/llama-minicache.h (patches/llama.cpp/0002-*.patch)
+CDEF = """
+struct llama_context;
+
+enum llama_minicache_retention {
+    LLAMA_MINICACHE_RETAIN_TOPK      = 0,
+    LLAMA_MINICACHE_RETAIN_THRESHOLD = 1,
+};
+
+enum llama_minicache_cell_state {
+    LLAMA_MINICACHE_CELL_EMPTY    = 0,
+    LLAMA_MINICACHE_CELL_STAGED   = 1,
+    LLAMA_MINICACHE_CELL_MERGED   = 2,
+    LLAMA_MINICACHE_CELL_RETAINED = 3,
+};
+
+struct llama_minicache_params {
+    int32_t start_layer;
+    float   t;
+    float   gamma;
+    int32_t window;
+    int32_t n_ubatch;
+    bool    merge_k;
+    bool    merge_v;
+    int32_t retention;
+};
+
+struct llama_minicache_stats {
+    int32_t n_layer;
+    int32_t start_layer;
+    int32_t n_pairs;
+    int32_t merge_k;
+    int32_t merge_v;
+    int32_t n_pools;
+    int64_t kv_size;
+    int64_t n_slots;
+    int64_t n_stage;
+    int64_t n_retain_max;
+    int64_t kv_bytes;
+    int64_t kv_bytes_dense;
+    int64_t n_cells_used;
+    int64_t n_staged;
+    int64_t n_merged;
+    int64_t n_retained;
+};
+
+struct llama_minicache_params llama_minicache_default_params(void);
+bool llama_minicache_set_pending(const struct llama_minicache_params * params);
+const char * llama_minicache_last_error(void);
+bool llama_minicache_get_stats(const struct llama_context * ctx, struct llama_minicache_stats * out);
+int32_t llama_minicache_get_rows(const struct llama_context * ctx, int32_t il, int32_t kind, int32_t c0, int32_t n, float * out);
+int32_t llama_minicache_get_cells(const struct llama_context * ctx, int32_t il, int32_t kind, int32_t c0, int32_t n,
+                                  uint8_t * state, float * dist);
+"""
+
+CELL_STATES = ("empty", "staged", "merged", "retained")
+KINDS = {"k": 0, "v": 1}
+
+_ffi = FFI()
+_ffi.cdef(CDEF)
+_lib = None
+
+
+def load():
+    global _lib
+    if _lib is None:
+        path = _engine.lib_dir("patched") / "libllama.so"
+        lib = _ffi.dlopen(str(path))
+        try:
+            lib.llama_minicache_set_pending
+        except AttributeError:
+            raise _engine.EngineNotBuilt(f"{path} has no MiniCache engine API: rebuild with scripts/setup.sh") from None
+        _lib = lib
+    return _lib
+
+
+def _ctx(ctx_ptr: int):
+    if not ctx_ptr:
+        raise ValueError("the llama context is closed")
+    return _ffi.cast("struct llama_context *", ctx_ptr)
+
+
+def params_from_config(cfg: MergeConfig, n_ubatch: int):
+    p = _ffi.new("struct llama_minicache_params *")
+    p.start_layer = -1 if cfg.start_layer is None else cfg.start_layer
+    p.t = cfg.t
+    p.gamma = cfg.gamma
+    p.window = cfg.window
+    p.n_ubatch = n_ubatch
+    p.merge_k = cfg.merge_k
+    p.merge_v = cfg.merge_v
+    p.retention = 0 if cfg.retention == "topk" else 1
+    return p
+
+
+def last_error() -> str:
+    return _ffi.string(load().llama_minicache_last_error()).decode()
+
+
+def set_pending(params) -> None:
+    """Arm (params) or disarm (None) MiniCache for the next context created on this thread."""
+    if not load().llama_minicache_set_pending(params if params is not None else _ffi.NULL):
+        raise ValueError(f"kv_merge: {last_error()}")
+
+
+@dataclass(frozen=True)
+class KvStats:
+    """What the KV cache allocated and holds, as measured by the engine."""
+
+    kv_bytes: int             #: bytes of every KV buffer this cache allocated
+    kv_bytes_dense: int       #: bytes a stock cache allocates for the same n_ctx, layers and types
+    ratio: float              #: kv_bytes_dense / kv_bytes (compression; 1.0 with merging off)
+    merged_layer_pairs: int
+    start_layer: int          #: first merged layer (-1: merging off)
+    merge_k: bool
+    merge_v: bool
+    n_ctx: int                #: cells
+    tokens: int               #: occupied cells
+    tokens_merged: int        #: cells stored as shared direction + norms
+    tokens_staged: int        #: recent cells still exact, not merged yet
+    tokens_retained: float    #: merged cells kept exact, averaged over the merged (pair, K/V) pools
+    staging_capacity: int
+    retention_capacity: int
+    exact_slots_per_layer: int
+
+    @property
+    def staging_fill(self) -> float:
+        return self.tokens_staged / self.staging_capacity if self.staging_capacity else 0.0
+
+
+def get_stats(ctx_ptr: int) -> KvStats | None:
+    """Layout and fill of the context's KV cache (merged or not); None if its memory is not a KV
+    cache (recurrent models)."""
+    st = _ffi.new("struct llama_minicache_stats *")
+    if not load().llama_minicache_get_stats(_ctx(ctx_ptr), st):
+        return None
+    return KvStats(
+        kv_bytes=st.kv_bytes, kv_bytes_dense=st.kv_bytes_dense,
+        ratio=st.kv_bytes_dense / st.kv_bytes if st.kv_bytes else 1.0,
+        merged_layer_pairs=st.n_pairs, start_layer=st.start_layer,
+        merge_k=bool(st.merge_k), merge_v=bool(st.merge_v), n_ctx=st.kv_size,
+        tokens=st.n_cells_used, tokens_merged=st.n_merged, tokens_staged=st.n_staged,
+        tokens_retained=st.n_retained / st.n_pools if st.n_pools else 0.0,
+        staging_capacity=st.n_stage, retention_capacity=st.n_retain_max, exact_slots_per_layer=st.n_slots,
+    )
+
+
+def get_rows(ctx_ptr: int, layer: int, kind: str, c0: int, n: int, n_embd: int) -> np.ndarray:
+    """Restored K or V rows [n, n_embd] float32 of cells [c0, c0 + n) of a layer (merged or not)."""
+    out = np.empty((n, n_embd), dtype=np.float32)
+    got = load().llama_minicache_get_rows(_ctx(ctx_ptr), layer, KINDS[kind], c0, n, _ffi.cast("float *", out.ctypes.data))
+    if got < 0:
+        raise ValueError(f"cannot read {kind.upper()} rows of layer {layer}, cells [{c0}, {c0 + n})")
+    if got != n_embd:
+        raise ValueError(f"layer {layer} {kind.upper()} rows are {got} wide, not {n_embd}")
+    return out
+
+
+def get_cells(ctx_ptr: int, layer: int, kind: str, c0: int, n: int):
+    """(state uint8 [n], dist float32 [n]) of cells in the pool holding a merged layer/kind."""
+    state = np.zeros(n, dtype=np.uint8)
+    dist = np.zeros(n, dtype=np.float32)
+    rc = load().llama_minicache_get_cells(_ctx(ctx_ptr), layer, KINDS[kind], c0, n,
+                                          _ffi.cast("uint8_t *", state.ctypes.data), _ffi.cast("float *", dist.ctypes.data))
+    if rc < 0:
+        raise ValueError(f"layer {layer} {kind.upper()} is not merged in this context (or cells out of range)")
+    return state, dist

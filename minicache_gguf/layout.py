@@ -1,0 +1,60 @@
+"""Closed-form KV memory of a merged cache (what the engine allocates, to the byte, before the
+backend's buffer alignment).
+
+For a model with L layers whose K and V rows are e_k and e_v elements of b bytes (f16: 2), a
+context of C cells, merge config (S, W, gamma, merge_k, merge_v) and ubatch size U:
+
+  pairs         P = floor((L - S) / 2)                  (l, l+1) for l = S, S+2, ...
+  staging       s = min(max(W, U), C)
+  retention     r = min(ceil(gamma * C), C)             (bounded top-k capacity)
+  per pair and merged kind with row width e:
+                dir  e*b*C  +  norms 2*4*C  +  exact slots 2*e*b*(s + r + 1)
+  every other (layer, kind): e*b*C, as a stock cache
+  stock cache:  L*(e_k + e_v)*b*C
+
+The last exact-slot row of each layer is a zero row the restore gathers for cells without a slot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import MergeConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    n_ctx: int
+    n_pairs: int
+    staging: int
+    retention: int
+    kv_bytes: int
+    kv_bytes_dense: int
+
+    @property
+    def ratio(self) -> float:
+        return self.kv_bytes_dense / self.kv_bytes
+
+
+def retain_capacity(n_ctx: int, gamma: float) -> int:
+    # the same rounding as minicache_retain_count (gamma as float32)
+    g = float(np.float32(gamma))
+    return 0 if g <= 0 else int(min(n_ctx, math.ceil(g * n_ctx - 1e-7 * n_ctx)))
+
+
+def expected_layout(n_layer: int, n_embd_k: int, n_embd_v: int, n_ctx: int, cfg: MergeConfig,
+                    n_ubatch: int, type_bytes: int = 2) -> Layout:
+    s_layer = cfg.resolve_start(n_layer)
+    n_pairs = len(range(s_layer, n_layer - 1, 2))
+    staging = min(max(cfg.window, n_ubatch), n_ctx)
+    retention = retain_capacity(n_ctx, cfg.gamma)
+    dense = n_layer * (n_embd_k + n_embd_v) * type_bytes * n_ctx
+    total = dense
+    for e, merged in ((n_embd_k, cfg.merge_k), (n_embd_v, cfg.merge_v)):
+        if merged:
+            pool = e * type_bytes * n_ctx + 2 * 4 * n_ctx + 2 * e * type_bytes * (staging + retention + 1)
+            total += n_pairs * (pool - 2 * e * type_bytes * n_ctx)
+    return Layout(n_ctx, n_pairs, staging, retention, total, dense)

@@ -1,0 +1,157 @@
+"""The merged KV cache inside llama.cpp: real engine, real default model."""
+
+import numpy as np
+import pydoc_data.topics
+import pytest
+
+from minicache_gguf import ConfigError, KvMergeUnavailable, Llama, MergeConfig, engine, kvstate, reference
+from minicache_gguf.layout import expected_layout
+from minicache_gguf.llama import llama_cpp
+
+N_LAYER, N_EMBD = 30, 192  # SmolLM2-135M: 3 KV heads x 64
+
+
+@pytest.fixture(scope="module")
+def tokens(model_path):
+    text = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    llm = Llama(model_path, n_ctx=64, vocab_only=True, verbose=False)
+    return llm.tokenize(text[:60000].encode())
+
+
+def merged_pairs(cfg=MergeConfig()):
+    return cfg.pairs(N_LAYER)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["flash_off", "flash_on"])
+def test_equivalence_oracle(model_path, tokens, flash_attn):
+    """Restored K/V == the NumPy reference merge of the unmerged K/V; retained set == the
+    reference's; next-token logits == a stock cache holding the reference-restored K/V."""
+    n, w, gamma = 300, 64, 0.05
+    cfg = MergeConfig(window=w, gamma=gamma)
+    dense = Llama(model_path, n_ctx=512, flash_attn=flash_attn, logits_all=True, verbose=False)
+    dense.eval(tokens[:n])
+    st = kvstate.parse_seq_state(kvstate.get_seq_state(llama_cpp, dense._ctx.ctx))
+    assert st.n_cells == n and len(st.k) == N_LAYER and st.v_trans == (not flash_attn)
+
+    mc = Llama(model_path, n_ctx=512, flash_attn=flash_attn, logits_all=True, verbose=False, kv_merge=cfg)
+    mc.eval(tokens[:n])
+    # nothing merged yet: every row and the logits are the stock ones
+    for a, b in merged_pairs():
+        for kind, rows in (("k", st.k), ("v", st.v)):
+            assert np.array_equal(engine.get_rows(mc._ctx.ctx, b, kind, 0, n, N_EMBD), rows[b].astype(np.float32))
+    assert np.array_equal(mc.scores[n - 1], dense.scores[n - 1])
+
+    mc.eval(tokens[n:n + 1])  # the oldest n - w tokens leave the window and are merged
+    n_m = n - w
+    stats = mc.kv_stats()
+    assert (stats.tokens, stats.tokens_merged, stats.tokens_staged) == (n + 1, n_m, w + 1)
+
+    for a, b in merged_pairs():
+        for kind, rows in (("k", st.k), ("v", st.v)):
+            ref = reference.merge(rows[a][:n_m], rows[b][:n_m], cfg.t, out_dtype=np.float16)
+            keep = reference.retain_select(ref.dist, gamma)
+            assert keep.sum() == reference.retain_count(n_m, gamma)
+            state, dist = engine.get_cells(mc._ctx.ctx, a, kind, 0, n)
+            assert np.array_equal(state[:n_m] == 3, keep), f"retained set of layers {a},{b} {kind}"
+            assert np.all(np.isin(state[:n_m], (2, 3))) and np.all(state[n_m:] == 1)
+            np.testing.assert_allclose(dist[:n_m], ref.dist, atol=2e-6)
+            for layer, norm in ((a, ref.norm0), (b, ref.norm1)):
+                want = reference.restore(ref.dir, norm, out_dtype=np.float16).astype(np.float32)
+                want[keep] = rows[layer][:n_m][keep]
+                got = engine.get_rows(mc._ctx.ctx, layer, kind, 0, n, N_EMBD)
+                # f16 tolerance: one f16 ulp of the row's scale
+                np.testing.assert_allclose(got[:n_m], want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+                assert np.array_equal(got[n_m:], rows[layer][n_m:].astype(np.float32))
+                rows[layer][:n_m] = want.astype(np.float16)
+
+    kvstate.set_seq_state(llama_cpp, dense._ctx.ctx, kvstate.serialize_seq_state(st))
+    dense.eval(tokens[n:n + 1])
+    np.testing.assert_allclose(mc.scores[n], dense.scores[n], rtol=0, atol=1e-3)
+    assert mc.scores[n].argmax() == dense.scores[n].argmax()
+
+
+def test_flash_attention_on_and_off_agree(model_path, tokens):
+    """With or without flash attention (V transposed or not), a merged cache gives the same
+    results up to the difference the two attention paths already have on a stock cache."""
+    cfg = MergeConfig(window=32)
+    runs = {}
+    for fa in (False, True):
+        for kv_merge in (False, cfg):
+            llm = Llama(model_path, n_ctx=512, flash_attn=fa, logits_all=True, verbose=False, kv_merge=kv_merge)
+            llm.eval(tokens[:200])
+            llm.eval(tokens[200:210])
+            runs[fa, bool(kv_merge)] = (llm.scores[:210].copy(),
+                                        engine.get_rows(llm._ctx.ctx, 20, "v", 0, 210, N_EMBD))
+    for part in (0, 1):  # logits, and the restored V of a merged layer
+        stock_gap = np.abs(runs[False, False][part] - runs[True, False][part]).max()
+        merged_gap = np.abs(runs[False, True][part] - runs[True, True][part]).max()
+        assert merged_gap <= 2 * stock_gap + 1e-3, (part, merged_gap, stock_gap)
+
+
+@pytest.mark.parametrize("n_ctx", [2048, 8192])
+def test_memory_matches_closed_form(model_path, n_ctx):
+    cfg = MergeConfig()
+    mc = Llama(model_path, n_ctx=n_ctx, verbose=False, kv_merge=cfg)
+    s = mc.kv_stats()
+    want = expected_layout(N_LAYER, N_EMBD, N_EMBD, n_ctx, cfg, n_ubatch=512)
+    assert s.kv_bytes == pytest.approx(want.kv_bytes, rel=0.01)
+    assert s.kv_bytes_dense == want.kv_bytes_dense
+    assert (s.merged_layer_pairs, s.staging_capacity, s.retention_capacity) == (want.n_pairs, want.staging, want.retention)
+    mc.close()
+
+    stock = Llama(model_path, n_ctx=n_ctx, verbose=False)
+    dense = stock.kv_stats()
+    assert dense.start_layer == -1 and dense.kv_bytes == pytest.approx(want.kv_bytes_dense, rel=0.01)
+    assert s.kv_bytes < dense.kv_bytes  # it really allocates less
+    assert s.ratio == pytest.approx(dense.kv_bytes / s.kv_bytes, rel=0.01)
+
+
+def test_high_level_api(model_path):
+    cfg = MergeConfig(window=16)
+    llm = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=cfg)
+    prompt = "Q: What is the capital of France?\nA:"
+    first = llm.create_completion(prompt, max_tokens=48, temperature=0)["choices"][0]["text"]
+    assert first.strip()
+    # a shared prefix: llama-cpp-python keeps the common cells and removes the rest (seq_rm)
+    again = llm.create_completion(prompt + first[:10], max_tokens=16, temperature=0)["choices"][0]["text"]
+    assert again.strip()
+    chat = llm.create_chat_completion([{"role": "user", "content": "Say hello."}], max_tokens=16, temperature=0)
+    assert chat["choices"][0]["message"]["content"]
+    chunks = list(llm.create_completion(prompt, max_tokens=12, temperature=0, stream=True))
+    assert len(chunks) >= 2 and "".join(c["choices"][0]["text"] for c in chunks).strip()
+    # a fresh context and a reset one produce the same greedy continuation
+    llm.reset()
+    after_reset = llm.create_completion(prompt, max_tokens=48, temperature=0)["choices"][0]["text"]
+    assert after_reset == first
+    s = llm.kv_stats()
+    assert s.tokens == s.tokens_merged + s.tokens_staged
+    assert s.tokens_staged <= cfg.window + 1
+
+
+def test_long_generation_crosses_the_window(model_path):
+    cfg = MergeConfig(window=16, gamma=0.1)
+    llm = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=cfg)
+    out = llm.create_completion("Once upon a time,", max_tokens=300, temperature=0.8, seed=1)
+    assert out["usage"]["completion_tokens"] > 50
+    s = llm.kv_stats()
+    assert s.tokens_merged >= s.tokens - cfg.window - 1 > 0
+    assert s.tokens_retained == pytest.approx(min(np.ceil(0.1 * s.tokens_merged - 1e-7 * s.tokens_merged), s.retention_capacity))
+
+
+def test_bad_input_is_refused_clearly(model_path):
+    with pytest.raises(ConfigError, match=r"start_layer=40 is not valid for this model \(30 layers\)"):
+        Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(start_layer=40))
+    with pytest.raises(ValueError, match="type_k=8 is not supported with kv_merge"):
+        Llama(model_path, n_ctx=256, verbose=False, kv_merge=True, type_k=llama_cpp.GGML_TYPE_Q8_0)
+    with pytest.raises(ValueError, match="embedding=True is not supported"):
+        Llama(model_path, n_ctx=256, verbose=False, kv_merge=True, embedding=True)
+    with pytest.raises(KvMergeUnavailable, match="calibration"):
+        Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(calibration="auto"))
+    llm = Llama(model_path, n_ctx=256, verbose=False, kv_merge=True)
+    llm.eval(llm.tokenize(b"hello world"))
+    with pytest.raises(KvMergeUnavailable, match="save_state"):
+        llm.save_state()
+    assert not llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(llm._ctx.ctx))
+    # the C API refuses too (the blob would be meaningless)
+    with pytest.raises(kvstate.KvStateError):
+        kvstate.get_seq_state(llama_cpp, llm._ctx.ctx)
