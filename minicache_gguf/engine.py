@@ -52,6 +52,7 @@ struct llama_minicache_stats {
     int32_t n_pools;
     int64_t kv_size;
     int64_t n_slots;
+    int64_t n_rows;
     int64_t n_stage;
     int64_t n_retain_max;
     int64_t kv_bytes;
@@ -140,6 +141,7 @@ class KvStats:
     staging_capacity: int
     retention_capacity: int
     exact_slots_per_layer: int
+    exact_rows_per_layer: int  #: rows allocated for the slots: + 1 zero row, padded to 256
 
     @property
     def staging_fill(self) -> float:
@@ -160,6 +162,7 @@ def get_stats(ctx_ptr: int) -> KvStats | None:
         tokens=st.n_cells_used, tokens_merged=st.n_merged, tokens_staged=st.n_staged,
         tokens_retained=st.n_retained / st.n_pools if st.n_pools else 0.0,
         staging_capacity=st.n_stage, retention_capacity=st.n_retain_max, exact_slots_per_layer=st.n_slots,
+        exact_rows_per_layer=st.n_rows,
     )
 
 

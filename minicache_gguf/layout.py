@@ -7,12 +7,14 @@ context of C cells, merge config (S, W, gamma, merge_k, merge_v) and ubatch size
   pairs         P = floor((L - S) / 2)                  (l, l+1) for l = S, S+2, ...
   staging       s = min(max(W, U), C)
   retention     r = min(ceil(gamma * C), C)             (bounded top-k capacity)
+  exact rows    R = s + r + 1, rounded up to a multiple of 256 (one zero row; the padding keeps
+                the CPU matrix kernels on the row counts llama.cpp itself uses for n_kv)
   per pair and merged kind with row width e:
-                dir  e*b*C  +  norms 2*4*C  +  exact slots 2*e*b*(s + r + 1)
+                dir  e*b*C  +  norms 2*4*C  +  exact rows 2*e*b*R
   every other (layer, kind): e*b*C, as a stock cache
   stock cache:  L*(e_k + e_v)*b*C
 
-The last exact-slot row of each layer is a zero row the restore gathers for cells without a slot.
+Cells without a slot gather a zero row in the restore.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def expected_layout(n_layer: int, n_embd_k: int, n_embd_v: int, n_ctx: int, cfg:
     total = dense
     for e, merged in ((n_embd_k, cfg.merge_k), (n_embd_v, cfg.merge_v)):
         if merged:
-            pool = e * type_bytes * n_ctx + 2 * 4 * n_ctx + 2 * e * type_bytes * (staging + retention + 1)
+            rows = -(-(staging + retention + 1) // 256) * 256
+            pool = e * type_bytes * n_ctx + 2 * 4 * n_ctx + 2 * e * type_bytes * rows
             total += n_pairs * (pool - 2 * e * type_bytes * n_ctx)
     return Layout(n_ctx, n_pairs, staging, retention, total, dense)

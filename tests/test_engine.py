@@ -22,10 +22,21 @@ def merged_pairs(cfg=MergeConfig()):
     return cfg.pairs(N_LAYER)
 
 
+def kl(logits_p, logits_q) -> float:
+    p = np.exp(logits_p - logits_p.max())
+    p /= p.sum()
+    q = np.exp(logits_q - logits_q.max())
+    q /= q.sum()
+    return float(np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30))))
+
+
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["flash_off", "flash_on"])
 def test_equivalence_oracle(model_path, tokens, flash_attn):
-    """Restored K/V == the NumPy reference merge of the unmerged K/V; retained set == the
-    reference's; next-token logits == a stock cache holding the reference-restored K/V."""
+    """Restored K/V == the NumPy reference merge of the unmerged K/V (exactly: both round to f16
+    once); retained set == the reference's; next-token logits == a stock cache holding the
+    reference-restored K/V (flash on: the engine restores K/V and runs the stock attention, so
+    exactly; flash off: norms are folded into the attention instead of restored, so within the
+    rounding gap that separates llama.cpp's own two attention paths on the same cache)."""
     n, w, gamma = 300, 64, 0.05
     cfg = MergeConfig(window=w, gamma=gamma)
     dense = Llama(model_path, n_ctx=512, flash_attn=flash_attn, logits_all=True, verbose=False)
@@ -35,11 +46,11 @@ def test_equivalence_oracle(model_path, tokens, flash_attn):
 
     mc = Llama(model_path, n_ctx=512, flash_attn=flash_attn, logits_all=True, verbose=False, kv_merge=cfg)
     mc.eval(tokens[:n])
-    # nothing merged yet: every row and the logits are the stock ones
-    for a, b in merged_pairs():
+    # nothing merged yet: every row and every logit is the stock one
+    for layer in range(N_LAYER):
         for kind, rows in (("k", st.k), ("v", st.v)):
-            assert np.array_equal(engine.get_rows(mc._ctx.ctx, b, kind, 0, n, N_EMBD), rows[b].astype(np.float32))
-    assert np.array_equal(mc.scores[n - 1], dense.scores[n - 1])
+            assert np.array_equal(engine.get_rows(mc._ctx.ctx, layer, kind, 0, n, N_EMBD), rows[layer].astype(np.float32))
+    assert np.array_equal(mc.scores[:n], dense.scores[:n])
 
     mc.eval(tokens[n:n + 1])  # the oldest n - w tokens leave the window and are merged
     n_m = n - w
@@ -59,15 +70,29 @@ def test_equivalence_oracle(model_path, tokens, flash_attn):
                 want = reference.restore(ref.dir, norm, out_dtype=np.float16).astype(np.float32)
                 want[keep] = rows[layer][:n_m][keep]
                 got = engine.get_rows(mc._ctx.ctx, layer, kind, 0, n, N_EMBD)
-                # f16 tolerance: one f16 ulp of the row's scale
+                # f16 tolerance: one f16 ulp of the row's scale (observed: equal)
                 np.testing.assert_allclose(got[:n_m], want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
                 assert np.array_equal(got[n_m:], rows[layer][n_m:].astype(np.float32))
                 rows[layer][:n_m] = want.astype(np.float16)
 
-    kvstate.set_seq_state(llama_cpp, dense._ctx.ctx, kvstate.serialize_seq_state(st))
+    blob = kvstate.serialize_seq_state(st)
+    kvstate.set_seq_state(llama_cpp, dense._ctx.ctx, blob)
     dense.eval(tokens[n:n + 1])
-    np.testing.assert_allclose(mc.scores[n], dense.scores[n], rtol=0, atol=1e-3)
-    assert mc.scores[n].argmax() == dense.scores[n].argmax()
+    got, want = mc.scores[n], dense.scores[n]
+    if flash_attn:
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    else:
+        # the same reference cache through flash attention: llama.cpp's own path-to-path gap
+        other = Llama(model_path, n_ctx=512, flash_attn=True, logits_all=True, verbose=False)
+        other.eval(tokens[:n])
+        st_fa = kvstate.parse_seq_state(kvstate.get_seq_state(llama_cpp, other._ctx.ctx))
+        st.v_trans = st_fa.v_trans
+        kvstate.set_seq_state(llama_cpp, other._ctx.ctx, kvstate.serialize_seq_state(st))
+        other.eval(tokens[n:n + 1])
+        gap = np.abs(other.scores[n] - want).max()
+        assert np.abs(got - want).max() <= gap, (np.abs(got - want).max(), gap)
+        assert kl(want, got) <= max(kl(want, other.scores[n]), 1e-3)
+    assert got.argmax() == want.argmax()
 
 
 def test_flash_attention_on_and_off_agree(model_path, tokens):
