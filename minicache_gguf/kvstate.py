@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SEQ_MAGIC = 0xAF143CD8
+MINICACHE_STATE_TAG = 0x4D430000  # LLAMA_MINICACHE_STATE_TAG: high bits of n_layer in a merged state
 GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
 _DTYPES = {GGML_TYPE_F32: np.dtype(np.float32), GGML_TYPE_F16: np.dtype(np.float16)}
@@ -98,6 +99,9 @@ def parse_seq_state(blob: bytes) -> SeqState:
         raise KvStateError(f"v_trans={v_trans}: not a KV state blob")
     st.v_trans = bool(v_trans)
     n_layer = r.u32()
+    if n_layer >> 16 == MINICACHE_STATE_TAG >> 16:
+        raise KvStateError("a MiniCache merged KV state: its merged layers are stored as directions and norms, "
+                           "not rows this reader can return")
     for _ in range(n_layer):
         dt = _dtype(r.i32())
         row = r.u64()

@@ -139,14 +139,23 @@ class Llama(llama_cpp.Llama):
         return stats
 
     def save_state(self):
-        if self.merge_config is not None:
-            raise KvMergeUnavailable("save_state() of a merged KV cache is not supported yet (kv_merge=False works)")
-        return super().save_state()
+        """As llama_cpp.Llama.save_state; the state remembers the kv_merge layout it was saved with
+        (a merged cache saves its shared directions, norms and exact slots, not dense rows)."""
+        state = super().save_state()
+        state.kv_merge = None if self.merge_config is None else self.merge_config.to_dict()
+        return state
 
     def load_state(self, state) -> None:
-        if self.merge_config is not None:
-            raise KvMergeUnavailable("load_state() into a merged KV cache is not supported yet (kv_merge=False works)")
-        return super().load_state(state)
+        mine = None if self.merge_config is None else self.merge_config.to_dict()
+        saved = getattr(state, "kv_merge", mine)
+        if saved != mine:
+            raise ValueError(f"load_state: the state was saved with kv_merge={saved}, this Llama has "
+                             f"kv_merge={mine}: a KV state only loads into the same layout")
+        try:
+            super().load_state(state)
+        except RuntimeError as e:
+            raise RuntimeError("load_state: llama.cpp refused the state: it comes from another model, context "
+                               "or kv_merge layout (see llama.cpp's log)") from e
 
     def close(self) -> None:
         # __init__ may refuse options before the stock constructor ran: nothing to free then

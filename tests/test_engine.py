@@ -173,10 +173,50 @@ def test_bad_input_is_refused_clearly(model_path):
     with pytest.raises(KvMergeUnavailable, match="calibration"):
         Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(calibration="auto"))
     llm = Llama(model_path, n_ctx=256, verbose=False, kv_merge=True)
-    llm.eval(llm.tokenize(b"hello world"))
-    with pytest.raises(KvMergeUnavailable, match="save_state"):
-        llm.save_state()
     assert not llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(llm._ctx.ctx))
-    # the C API refuses too (the blob would be meaningless)
+
+
+def test_state_round_trip_and_refusals(model_path, tokens):
+    cfg = MergeConfig(window=32)
+    llm = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=cfg)
+    prompt = llm.detokenize(tokens[:400]).decode(errors="ignore")
+    llm.create_completion(prompt, max_tokens=8, temperature=0)
+    s = llm.kv_stats()
+    assert s.tokens_merged > 300 and s.tokens_retained > 0
+    state = llm.save_state()
+    first = llm.create_completion(prompt, max_tokens=24, temperature=0)["choices"][0]["text"]
+    llm.load_state(state)
+    assert llm.kv_stats() == s
+    again = llm.create_completion(prompt, max_tokens=24, temperature=0)["choices"][0]["text"]
+    assert again == first and first.strip()
+
+    # into a fresh context of the same layout: the same continuation
+    other = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=cfg)
+    other.load_state(state)
+    assert other.create_completion(prompt, max_tokens=24, temperature=0)["choices"][0]["text"] == first
+
+    # the other mode, or another layout, is refused with a clear error
+    stock = Llama(model_path, n_ctx=1024, verbose=False)
+    with pytest.raises(ValueError, match="saved with kv_merge=.*this Llama has kv_merge=None"):
+        stock.load_state(state)
+    del state.kv_merge  # what a raw blob would be: llama.cpp itself refuses it
+    with pytest.raises(RuntimeError, match="llama.cpp refused the state"):
+        stock.load_state(state)
+    shifted = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=MergeConfig(window=32, start_layer=17))
+    with pytest.raises(RuntimeError, match="llama.cpp refused the state"):
+        shifted.load_state(state)
+    with pytest.raises(RuntimeError, match="llama.cpp refused the state"):
+        llm.load_state(_stock_state(stock, tokens))
+    # per-sequence blobs: a merged one is tagged, a stock reader refuses it
+    blob = kvstate.get_seq_state(llama_cpp, other._ctx.ctx)
+    with pytest.raises(kvstate.KvStateError, match="MiniCache merged KV state"):
+        kvstate.parse_seq_state(blob)
     with pytest.raises(kvstate.KvStateError):
-        kvstate.get_seq_state(llama_cpp, llm._ctx.ctx)
+        kvstate.set_seq_state(llama_cpp, stock._ctx.ctx, blob)
+
+
+def _stock_state(stock, tokens):
+    stock.eval(tokens[:50])
+    state = stock.save_state()
+    del state.kv_merge
+    return state
