@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   minicache-gguf model                         fetch (once) and print the default model path
   minicache-gguf generate -p "Why is the sky blue?" -n 64
   minicache-gguf generate -m model.gguf --raw -p "def fib(n):" --temp 0
+  minicache-gguf generate --kv-merge --window 64 -p "Tell me a story." -n 256
 """
 
 
@@ -30,7 +31,7 @@ def _cmd_info(args) -> int:
     print(f"patches:      {', '.join(p['name'] for p in m['patches']) or '(none)'}")
     print(f"native core:  {native.version()} (linked into {_engine.lib_dir('patched') / 'libllama.so'})")
     print(f"default model: {default_model_path()}")
-    print("kv merging:   available (kv_merge=True / MergeConfig); aligned merging (calibration) not yet")
+    print("kv merging:   available (kv_merge=True / MergeConfig, --kv-merge); aligned merging (calibration) not yet")
     return 0
 
 
@@ -42,9 +43,14 @@ def _cmd_model(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    from .config import MergeConfig
     from .llama import Llama
 
-    llm = Llama(args.model, n_ctx=args.n_ctx, seed=args.seed, verbose=args.verbose)
+    kv_merge = False
+    if args.kv_merge:
+        kv_merge = MergeConfig(start_layer=args.start_layer, t=args.t, gamma=args.gamma, window=args.window)
+    llm = Llama(args.model, n_ctx=args.n_ctx, n_ubatch=args.n_ubatch, seed=args.seed, verbose=args.verbose,
+                kv_merge=kv_merge)
     t0 = time.perf_counter()
     first = None
     n_prompt = 0
@@ -72,11 +78,19 @@ def _cmd_generate(args) -> int:
         "prompt_s": round((first or t1) - t0, 3),
         # tokens after the first, over the time after the first (the first one includes the prompt)
         "generate_tok_per_s": round((n_gen - 1) / (t1 - first), 1) if n_gen > 1 and t1 > first else None,
-        "kv_merge": False,
     }
-    print(json.dumps(summary) if args.json else
-          f"[prompt {n_prompt} tok in {summary['prompt_s']} s | generation {summary['generate_tok_per_s']} tok/s | kv_merge off]",
-          file=sys.stderr)
+    kv = llm.kv_stats()
+    summary["kv"] = {"kv_merge": bool(kv_merge), "kv_bytes": kv.kv_bytes, "kv_bytes_dense": kv.kv_bytes_dense,
+                     "tokens_merged": kv.tokens_merged, "tokens_retained": kv.tokens_retained}
+    if args.json:
+        print(json.dumps(summary), file=sys.stderr)
+    else:
+        mib = 1 << 20
+        kv_line = (f"KV {kv.kv_bytes / mib:.1f} MiB vs {kv.kv_bytes_dense / mib:.1f} MiB dense ({kv.ratio:.2f}x), "
+                   f"{kv.tokens_merged} of {kv.tokens} tokens merged in {kv.merged_layer_pairs} layer pairs"
+                   if kv_merge else f"KV {kv.kv_bytes / mib:.1f} MiB, kv_merge off")
+        print(f"[prompt {n_prompt} tok in {summary['prompt_s']} s | generation {summary['generate_tok_per_s']} tok/s | {kv_line}]",
+              file=sys.stderr)
     return 0
 
 
@@ -108,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="plain completion, no chat template")
     p.add_argument("--json", action="store_true", help="print the timing summary as JSON")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    p.add_argument("--n-ubatch", type=int, default=512, help="physical batch size (default 512; the staging pool holds one)")
+    g = p.add_argument_group("kv merging (MiniCache)")
+    g.add_argument("--kv-merge", action="store_true", help="merge adjacent layer pairs of the KV cache")
+    g.add_argument("--start-layer", type=int, default=None, help="first merged layer (default: n_layer / 2)")
+    g.add_argument("--t", type=float, default=0.6, help="SLERP parameter in [0, 1] (default 0.6)")
+    g.add_argument("--gamma", type=float, default=0.05, help="retention fraction in [0, 1] (default 0.05)")
+    g.add_argument("--window", type=int, default=256, help="recent tokens kept exact (default 256)")
     p.set_defaults(func=_cmd_generate)
     return ap
 
@@ -122,6 +143,8 @@ def main(argv=None) -> int:
             ap.error(f"--n-ctx {args.n_ctx} is not valid: expected an integer >= 16")
         if args.temp < 0:
             ap.error(f"--temp {args.temp} is not valid: expected a number >= 0")
+        if args.n_ubatch < 1:
+            ap.error(f"--n-ubatch {args.n_ubatch} is not valid: expected a positive integer")
     try:
         return args.func(args)
     except KeyboardInterrupt:

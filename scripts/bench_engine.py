@@ -33,8 +33,9 @@ def corpus_tokens(llm, n: int) -> list[int]:
     return toks[:n]
 
 
-def run_once(model, kv_merge, n_ctx, toks, n_prefill, n_decode, n_threads):
-    llm = Llama(model, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=n_threads, verbose=False, kv_merge=kv_merge)
+def run_once(model, kv_merge, n_ctx, toks, n_prefill, n_decode, n_threads, flash_attn):
+    llm = Llama(model, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=n_threads, flash_attn=flash_attn,
+                verbose=False, kv_merge=kv_merge)
     t0 = time.perf_counter()
     llm.eval(toks[:n_prefill])
     t1 = time.perf_counter()
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: llama-cpp-python's)")
+    ap.add_argument("--flash-attn", action="store_true", help="flash attention on (merged layers restore K/V then)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args()
     if a.prefill + a.decode > a.n_ctx:
@@ -67,7 +69,7 @@ def main() -> None:
     stats = {}
     for rep in range(a.reps):
         for name, kv_merge in modes.items():
-            p, d, s = run_once(model, kv_merge, a.n_ctx, toks, a.prefill, a.decode, a.threads)
+            p, d, s = run_once(model, kv_merge, a.n_ctx, toks, a.prefill, a.decode, a.threads, a.flash_attn)
             res[name]["prefill"].append(p)
             res[name]["decode"].append(d)
             stats[name] = s
@@ -75,7 +77,8 @@ def main() -> None:
 
     med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in res.items()}
     print()
-    print(f"default model, n_ctx {a.n_ctx}, f16 KV, {a.prefill} tokens prefilled, {a.decode} decoded; median of {a.reps}")
+    print(f"default model, n_ctx {a.n_ctx}, f16 KV, flash attention {'on' if a.flash_attn else 'off'}, "
+          f"{a.prefill} tokens prefilled, {a.decode} decoded; median of {a.reps}")
     print("| kv_merge | KV bytes allocated | prefill tok/s | decode tok/s |")
     print("|---|---|---|---|")
     for m in modes:

@@ -34,6 +34,15 @@ def test_generate_raw_json():
     assert r.stdout.strip()
 
 
+def test_generate_with_kv_merge():
+    r = run("generate", "--kv-merge", "--window", "16", "--raw", "-p", "The sea is", "-n", "40", "--json")
+    assert r.returncode == 0, r.stderr
+    kv = json.loads(r.stderr.strip().splitlines()[-1])["kv"]
+    assert kv["kv_merge"] and kv["tokens_merged"] > 0 and kv["kv_bytes"] > 0
+    r = run("generate", "--kv-merge", "--gamma", "2", "-p", "x")
+    assert r.returncode == 1 and "gamma=2.0 is not valid" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_errors_are_one_line():
     r = run("generate", "-p", "x", "-n", "0")
     assert r.returncode == 2 and "-n 0 is not valid" in r.stderr
