@@ -34,9 +34,9 @@ def kl(logits_p, logits_q) -> float:
 def test_equivalence_oracle(model_path, tokens, flash_attn):
     """Restored K/V == the NumPy reference merge of the unmerged K/V (exactly: both round to f16
     once); retained set == the reference's; next-token logits == a stock cache holding the
-    reference-restored K/V (flash on: the engine restores K/V and runs the stock attention, so
-    exactly; flash off: norms are folded into the attention instead of restored, so within the
-    rounding gap that separates llama.cpp's own two attention paths on the same cache)."""
+    reference-restored K/V within the rounding gap that separates llama.cpp's own two attention
+    paths on that cache (a decoding step folds the norms into the attention instead of restoring
+    K/V, so it rounds differently; prompt ubatches restore K/V and match bit for bit)."""
     n, w, gamma = 300, 64, 0.05
     cfg = MergeConfig(window=w, gamma=gamma)
     dense = Llama(model_path, n_ctx=512, flash_attn=flash_attn, logits_all=True, verbose=False)
@@ -75,23 +75,18 @@ def test_equivalence_oracle(model_path, tokens, flash_attn):
                 assert np.array_equal(got[n_m:], rows[layer][n_m:].astype(np.float32))
                 rows[layer][:n_m] = want.astype(np.float16)
 
-    blob = kvstate.serialize_seq_state(st)
-    kvstate.set_seq_state(llama_cpp, dense._ctx.ctx, blob)
+    kvstate.set_seq_state(llama_cpp, dense._ctx.ctx, kvstate.serialize_seq_state(st))
     dense.eval(tokens[n:n + 1])
     got, want = mc.scores[n], dense.scores[n]
-    if flash_attn:
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
-    else:
-        # the same reference cache through flash attention: llama.cpp's own path-to-path gap
-        other = Llama(model_path, n_ctx=512, flash_attn=True, logits_all=True, verbose=False)
-        other.eval(tokens[:n])
-        st_fa = kvstate.parse_seq_state(kvstate.get_seq_state(llama_cpp, other._ctx.ctx))
-        st.v_trans = st_fa.v_trans
-        kvstate.set_seq_state(llama_cpp, other._ctx.ctx, kvstate.serialize_seq_state(st))
-        other.eval(tokens[n:n + 1])
-        gap = np.abs(other.scores[n] - want).max()
-        assert np.abs(got - want).max() <= gap, (np.abs(got - want).max(), gap)
-        assert kl(want, got) <= max(kl(want, other.scores[n]), 1e-3)
+    # the same reference cache through llama.cpp's other attention path: its own rounding gap
+    other = Llama(model_path, n_ctx=512, flash_attn=not flash_attn, logits_all=True, verbose=False)
+    other.eval(tokens[:n])
+    st.v_trans = flash_attn  # the other path's V layout
+    kvstate.set_seq_state(llama_cpp, other._ctx.ctx, kvstate.serialize_seq_state(st))
+    other.eval(tokens[n:n + 1])
+    alt = other.scores[n]
+    assert np.abs(got - want).max() <= np.abs(alt - want).max(), (np.abs(got - want).max(), np.abs(alt - want).max())
+    assert kl(want, got) <= max(kl(want, alt), 1e-3)
     assert got.argmax() == want.argmax()
 
 
