@@ -215,3 +215,22 @@ def _stock_state(stock, tokens):
     state = stock.save_state()
     del state.kv_merge
     return state
+
+
+def test_threshold_retention_in_the_engine(model_path, tokens):
+    """retention="threshold": the retained pairs are those with d > d_min + (d_max - d_min)(1 - gamma)
+    over the merged tokens (one merge step, so the engine and the formula see the same set)."""
+    cfg = MergeConfig(window=32, gamma=0.2, retention="threshold")
+    llm = Llama(model_path, n_ctx=512, verbose=False, kv_merge=cfg)
+    llm.eval(tokens[:200])
+    llm.eval(tokens[200:201])
+    n_m = 200 - 32
+    for a, _ in merged_pairs():
+        for kind in "kv":
+            state, dist = engine.get_cells(llm._ctx.ctx, a, kind, 0, n_m)
+            want = reference.retain_select(dist, cfg.gamma, "threshold")
+            if want.sum() <= llm.kv_stats().retention_capacity:
+                assert np.array_equal(state == 3, want)
+            else:  # bounded: the most distinct of them
+                assert (state == 3).sum() == llm.kv_stats().retention_capacity
+                assert dist[state == 3].min() >= dist[(state == 2) & want].max()
