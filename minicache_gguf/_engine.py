@@ -126,6 +126,18 @@ def lib_dir(variant: str = "patched", cuda: bool = False) -> Path:
     return d / "lib"
 
 
+_active: Path | None = None
+
+
+def active_lib_dir() -> Path:
+    """The patched engine this process uses: resolved once, so that editing the source tree (which
+    changes the key) never points a running process at another build than the one it loaded."""
+    global _active
+    if _active is None:
+        _active = lib_dir("patched")
+    return _active
+
+
 def manifest(variant: str = "patched", cuda: bool = False) -> dict:
-    d = lib_dir(variant, cuda).parent
+    d = (active_lib_dir() if variant == "patched" and not cuda else lib_dir(variant, cuda)).parent
     return json.loads((d / ENGINE_MANIFEST).read_text())

@@ -29,7 +29,7 @@ def _cmd_info(args) -> int:
     print(f"engine:       {m['upstream']} (llama.cpp {m['llama_cpp_commit']}), {m['variant']}, key {m['key']}")
     print(f"build flags:  {' '.join(m['cmake_flags'])}")
     print(f"patches:      {', '.join(p['name'] for p in m['patches']) or '(none)'}")
-    print(f"native core:  {native.version()} (linked into {_engine.lib_dir('patched') / 'libllama.so'})")
+    print(f"native core:  {native.version()} (linked into {_engine.active_lib_dir() / 'libllama.so'})")
     print(f"default model: {default_model_path()}")
     print("kv merging:   available (kv_merge=True / MergeConfig, --kv-merge); aligned merging (calibration) not yet")
     return 0

@@ -83,7 +83,7 @@ _lib = None
 def load():
     global _lib
     if _lib is None:
-        path = _engine.lib_dir("patched") / "libllama.so"
+        path = _engine.active_lib_dir() / "libllama.so"
         lib = _ffi.dlopen(str(path))
         try:
             lib.llama_minicache_set_pending

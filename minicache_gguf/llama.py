@@ -20,7 +20,7 @@ __all__ = ["Llama", "KvMergeUnavailable"]
 
 
 def _import_llama_cpp():
-    lib = _engine.lib_dir("patched")
+    lib = _engine.active_lib_dir()
     mod = sys.modules.get("llama_cpp.llama_cpp")
     if mod is not None:
         loaded = Path(getattr(mod, "_base_path", "")).resolve()

@@ -75,7 +75,7 @@ def load(lib_path: str | Path | None = None):
     """dlopen the patched libllama (once) and return the cffi library object."""
     global _lib
     if _lib is None:
-        path = Path(lib_path) if lib_path else _engine.lib_dir("patched") / "libllama.so"
+        path = Path(lib_path) if lib_path else _engine.active_lib_dir() / "libllama.so"
         lib = _ffi.dlopen(str(path))
         try:
             lib.minicache_version
