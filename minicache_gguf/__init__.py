@@ -17,7 +17,7 @@ __all__ = ["Llama", "MergeConfig", "ConfigError", "default_model_path", "__versi
 
 
 def __getattr__(name: str):
-    if name in ("Llama", "KvMergeUnavailable"):
+    if name == "Llama":
         from . import llama
 
         return getattr(llama, name)

@@ -9,7 +9,13 @@ from typing import Optional, Union
 
 from .reference import RETENTION_MODES
 
-__all__ = ["MergeConfig", "ConfigError"]
+__all__ = ["MergeConfig", "ConfigError", "ALIGNMENT_FORMS", "DEFAULT_MAX_KLD"]
+
+#: rotation forms of aligned merging: one R per KV head (folds into attention at no extra cost),
+#: or one R over whole rows (a bit better, 3x the merged layer's attention work when decoding)
+ALIGNMENT_FORMS = ("head", "full")
+#: the quality budget of calibration="auto" (mean KLD, nats/token, on held-out calibration text)
+DEFAULT_MAX_KLD = 0.02
 
 
 class ConfigError(ValueError):
@@ -28,10 +34,13 @@ def _is_real(v) -> bool:
 class MergeConfig:
     """How the KV cache merges adjacent layer pairs.
 
-    Layers S, S+1, ... are merged in pairs (S, S+1), (S+2, S+3), ...; an unpaired last layer and
-    the layers below S stay ordinary. Per merged pair and per token the cache keeps one shared
-    direction (SLERP of the two unit rows) plus each layer's norm; the `window` most recent
-    tokens and the `gamma` most distinct merged pairs are kept exact.
+    Without calibration (the paper's merge), layers S, S+1, ... are merged in pairs (S, S+1),
+    (S+2, S+3), ...; an unpaired last layer and the layers below S stay ordinary. With a
+    calibration (a file from `minicache-gguf calibrate`, or "auto": calibrated on first use and
+    cached per model), the merged (pair, K/V) list and each pair's rotation come from it;
+    merge_k / merge_v / start_layer then only filter that list. Per merged pair and per token the
+    cache keeps one shared direction (SLERP of the two unit rows) plus each layer's norm; the
+    `window` most recent tokens and the `gamma` most distinct merged pairs are kept exact.
     """
 
     #: first merged layer S; None = floor(n_layer / 2) (the paper's default)
@@ -50,6 +59,9 @@ class MergeConfig:
     calibration: Optional[Union[str, Path]] = None
     #: retention rule: "topk" (bounded, default) or "threshold" (the paper's Eq. 4)
     retention: str = "topk"
+    #: calibration="auto" only: rotation form ("head" or "full") and quality budget (KLD)
+    alignment: str = "head"
+    max_kld: float = DEFAULT_MAX_KLD
 
     def __post_init__(self):
         if self.start_layer is not None and not (_is_int(self.start_layer) and self.start_layer >= 0):
@@ -68,6 +80,11 @@ class MergeConfig:
             raise ConfigError("merge_k=False and merge_v=False merges nothing: enable at least one")
         if self.retention not in RETENTION_MODES:
             raise ConfigError(f"retention={self.retention!r} is not valid: expected one of {RETENTION_MODES}")
+        if self.alignment not in ALIGNMENT_FORMS:
+            raise ConfigError(f"alignment={self.alignment!r} is not valid: expected one of {ALIGNMENT_FORMS}")
+        if not (_is_real(self.max_kld) and math.isfinite(self.max_kld) and self.max_kld > 0):
+            raise ConfigError(f"max_kld={self.max_kld!r} is not valid: expected a positive number (nats/token)")
+        object.__setattr__(self, "max_kld", float(self.max_kld))
         cal = self.calibration
         if cal is not None and cal != "auto":
             if not isinstance(cal, (str, Path)):

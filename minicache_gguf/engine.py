@@ -1,4 +1,4 @@
-"""cffi binding of the MiniCache engine C API (include/llama-minicache.h, added by patch 0002).
+"""cffi binding of the MiniCache engine C API (include/llama-minicache.h, patches 0002 and 0003).
 
 Mirrors the header 1:1; `minicache_gguf.Llama` is the friendly layer on top.
 """
@@ -13,10 +13,10 @@ from cffi import FFI
 from . import _engine
 from .config import MergeConfig
 
-__all__ = ["KvStats", "CELL_STATES", "load", "params_from_config", "set_pending", "last_error",
-           "get_stats", "get_rows", "get_cells"]
+__all__ = ["KvStats", "PairSpec", "CELL_STATES", "ROT_FORMS", "load", "params_from_config", "set_pending",
+           "last_error", "get_stats", "get_pairs", "get_rows", "get_cells"]
 
-# mirror of include/llama-minicache.h (patches/llama.cpp/0002-*.patch)
+# mirror of include/llama-minicache.h (patches/llama.cpp/0002-*.patch, 0003-*.patch)
 CDEF = """
 struct llama_context;
 
@@ -32,6 +32,20 @@ enum llama_minicache_cell_state {
     LLAMA_MINICACHE_CELL_RETAINED = 3,
 };
 
+enum llama_minicache_rot {
+    LLAMA_MINICACHE_ROT_NONE = 0,
+    LLAMA_MINICACHE_ROT_FULL = 1,
+    LLAMA_MINICACHE_ROT_HEAD = 2,
+};
+
+struct llama_minicache_pair {
+    int32_t       kind;
+    int32_t       il;
+    int32_t       rot;
+    int32_t       n_r;
+    const float * r;
+};
+
 struct llama_minicache_params {
     int32_t start_layer;
     float   t;
@@ -41,6 +55,8 @@ struct llama_minicache_params {
     bool    merge_k;
     bool    merge_v;
     int32_t retention;
+    int32_t n_pairs;
+    const struct llama_minicache_pair * pairs;
 };
 
 struct llama_minicache_stats {
@@ -61,12 +77,15 @@ struct llama_minicache_stats {
     int64_t n_staged;
     int64_t n_merged;
     int64_t n_retained;
+    int32_t n_rot;
+    int64_t rot_bytes;
 };
 
 struct llama_minicache_params llama_minicache_default_params(void);
 bool llama_minicache_set_pending(const struct llama_minicache_params * params);
 const char * llama_minicache_last_error(void);
 bool llama_minicache_get_stats(const struct llama_context * ctx, struct llama_minicache_stats * out);
+int32_t llama_minicache_get_pairs(const struct llama_context * ctx, struct llama_minicache_pair * out, int32_t n_max);
 int32_t llama_minicache_get_rows(const struct llama_context * ctx, int32_t il, int32_t kind, int32_t c0, int32_t n, float * out);
 int32_t llama_minicache_get_cells(const struct llama_context * ctx, int32_t il, int32_t kind, int32_t c0, int32_t n,
                                   uint8_t * state, float * dist);
@@ -74,6 +93,20 @@ int32_t llama_minicache_get_cells(const struct llama_context * ctx, int32_t il, 
 
 CELL_STATES = ("empty", "staged", "merged", "retained")
 KINDS = {"k": 0, "v": 1}
+#: rotation forms: None (the paper's merge), "full" (one n_embd x n_embd R), "head" (one R per KV head)
+ROT_FORMS = {None: 0, "full": 1, "head": 2}
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """One merged (layer pair, kind): layers `layer` and `layer + 1` of kind "k" or "v", with an
+    optional orthogonal rotation of the lower layer (merged as x @ r, restored as ... @ r.T):
+    form "full": r is [n_embd, n_embd]; form "head": r is [n_head_kv, n_embd_head, n_embd_head]."""
+
+    kind: str
+    layer: int
+    form: str | None = None
+    r: np.ndarray | None = None
 
 _ffi = FFI()
 _ffi.cdef(CDEF)
@@ -99,7 +132,17 @@ def _ctx(ctx_ptr: int):
     return _ffi.cast("struct llama_context *", ctx_ptr)
 
 
-def params_from_config(cfg: MergeConfig, n_ubatch: int):
+class _Params:
+    """The params struct plus the buffers its pointers refer to (alive until set_pending copied them)."""
+
+    def __init__(self, p, keep):
+        self.p = p
+        self.keep = keep
+
+
+def params_from_config(cfg: MergeConfig, n_ubatch: int, pairs: list[PairSpec] | None = None):
+    """The engine params for cfg; `pairs` (explicit selection, e.g. from a calibration file)
+    replaces the start_layer / merge_k / merge_v layout."""
     p = _ffi.new("struct llama_minicache_params *")
     p.start_layer = -1 if cfg.start_layer is None else cfg.start_layer
     p.t = cfg.t
@@ -109,7 +152,24 @@ def params_from_config(cfg: MergeConfig, n_ubatch: int):
     p.merge_k = cfg.merge_k
     p.merge_v = cfg.merge_v
     p.retention = 0 if cfg.retention == "topk" else 1
-    return p
+    keep = []
+    if pairs:
+        arr = _ffi.new("struct llama_minicache_pair[]", len(pairs))
+        keep.append(arr)
+        for i, q in enumerate(pairs):
+            arr[i].kind = KINDS[q.kind]
+            arr[i].il = q.layer
+            arr[i].rot = ROT_FORMS[q.form]
+            if q.form is None:
+                arr[i].n_r, arr[i].r = 0, _ffi.NULL
+            else:
+                r = np.ascontiguousarray(q.r, dtype=np.float32)
+                keep.append(r)
+                arr[i].n_r = r.size
+                arr[i].r = _ffi.cast("const float *", r.ctypes.data)
+        p.n_pairs = len(pairs)
+        p.pairs = arr
+    return _Params(p, keep)
 
 
 def last_error() -> str:
@@ -118,7 +178,7 @@ def last_error() -> str:
 
 def set_pending(params) -> None:
     """Arm (params) or disarm (None) MiniCache for the next context created on this thread."""
-    if not load().llama_minicache_set_pending(params if params is not None else _ffi.NULL):
+    if not load().llama_minicache_set_pending(params.p if params is not None else _ffi.NULL):
         raise ValueError(f"kv_merge: {last_error()}")
 
 
@@ -142,6 +202,9 @@ class KvStats:
     retention_capacity: int
     exact_slots_per_layer: int
     exact_rows_per_layer: int  #: rows allocated for the slots: + 1 zero row, padded to 256
+    merged_pools: int = 0      #: merged (layer pair, kind) combinations
+    aligned_pools: int = 0     #: of which with a calibrated rotation
+    rotation_bytes: int = 0    #: bytes of the rotations (part of kv_bytes)
 
     @property
     def staging_fill(self) -> float:
@@ -162,8 +225,21 @@ def get_stats(ctx_ptr: int) -> KvStats | None:
         tokens=st.n_cells_used, tokens_merged=st.n_merged, tokens_staged=st.n_staged,
         tokens_retained=st.n_retained / st.n_pools if st.n_pools else 0.0,
         staging_capacity=st.n_stage, retention_capacity=st.n_retain_max, exact_slots_per_layer=st.n_slots,
-        exact_rows_per_layer=st.n_rows,
+        exact_rows_per_layer=st.n_rows, merged_pools=st.n_pools, aligned_pools=st.n_rot,
+        rotation_bytes=st.rot_bytes,
     )
+
+
+def get_pairs(ctx_ptr: int) -> list[PairSpec]:
+    """The merged (layer pair, kind) pools of the context's cache (rotations not included)."""
+    lib = load()
+    n = lib.llama_minicache_get_pairs(_ctx(ctx_ptr), _ffi.NULL, 0)
+    if n <= 0:
+        return []
+    arr = _ffi.new("struct llama_minicache_pair[]", n)
+    lib.llama_minicache_get_pairs(_ctx(ctx_ptr), arr, n)
+    forms = {v: k for k, v in ROT_FORMS.items()}
+    return [PairSpec("kv"[arr[i].kind], arr[i].il, forms[arr[i].rot]) for i in range(n)]
 
 
 def get_rows(ctx_ptr: int, layer: int, kind: str, c0: int, n: int, n_embd: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Optional, Union
 from . import _engine
 from .config import ConfigError, MergeConfig
 
-__all__ = ["Llama", "KvMergeUnavailable"]
+__all__ = ["Llama"]
 
 
 def _import_llama_cpp():
@@ -44,10 +44,6 @@ def _import_llama_cpp():
 
 
 llama_cpp = _import_llama_cpp()
-
-
-class KvMergeUnavailable(NotImplementedError):
-    """kv_merge was requested but this engine build cannot merge yet."""
 
 
 # every keyword the stock constructor names; anything else is a typo stock Llama would drop
@@ -97,10 +93,12 @@ class Llama(llama_cpp.Llama):
 
         from . import engine
 
+        pairs = None
+        self.calibration = None
         if cfg.calibration is not None:
-            raise KvMergeUnavailable(
-                f"calibration={cfg.calibration!r}: aligned merging (calibration files) is not available in "
-                "this build yet; use calibration=None (the paper's unaligned merge)")
+            from .calibration import pairs_for
+
+            pairs, self.calibration = pairs_for(cfg, model_path, progress=sys.stderr.isatty())
         for name in ("type_k", "type_v"):
             t = kwargs.get(name)
             if t is not None and t not in (llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_F32):
@@ -112,7 +110,7 @@ class Llama(llama_cpp.Llama):
         n_ctx = kwargs.get("n_ctx", 512)
         n_batch = min(n_ctx, kwargs.get("n_batch", 512)) if n_ctx else kwargs.get("n_batch", 512)
         n_ubatch = min(n_batch, kwargs.get("n_ubatch", 512))
-        engine.set_pending(engine.params_from_config(cfg, n_ubatch))
+        engine.set_pending(engine.params_from_config(cfg, n_ubatch, pairs))
         try:
             super().__init__(str(model_path), **kwargs)
         except ValueError as e:

@@ -4,7 +4,7 @@ import numpy as np
 import pydoc_data.topics
 import pytest
 
-from minicache_gguf import ConfigError, KvMergeUnavailable, Llama, MergeConfig, engine, kvstate, reference
+from minicache_gguf import ConfigError, Llama, MergeConfig, engine, kvstate, reference
 from minicache_gguf.layout import expected_layout
 from minicache_gguf.llama import llama_cpp
 
@@ -165,8 +165,6 @@ def test_bad_input_is_refused_clearly(model_path):
         Llama(model_path, n_ctx=256, verbose=False, kv_merge=True, type_k=llama_cpp.GGML_TYPE_Q8_0)
     with pytest.raises(ValueError, match="embedding=True is not supported"):
         Llama(model_path, n_ctx=256, verbose=False, kv_merge=True, embedding=True)
-    with pytest.raises(KvMergeUnavailable, match="calibration"):
-        Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(calibration="auto"))
     llm = Llama(model_path, n_ctx=256, verbose=False, kv_merge=True)
     assert not llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(llm._ctx.ctx))
 
