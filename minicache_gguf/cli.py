@@ -1,6 +1,6 @@
 """`minicache-gguf` command line.
 
-Subcommands now: info, model, generate. Later: chat, serve, bench, calibrate, analyze, eval.
+Subcommands now: info, model, generate, analyze, calibrate, eval. Later: chat, serve, bench.
 Errors print as one line (exit 2 for usage, 1 otherwise); --debug shows the traceback.
 """
 
@@ -17,6 +17,10 @@ EXAMPLES = """examples:
   minicache-gguf generate -p "Why is the sky blue?" -n 64
   minicache-gguf generate -m model.gguf --raw -p "def fib(n):" --temp 0
   minicache-gguf generate --kv-merge --window 64 -p "Tell me a story." -n 256
+  minicache-gguf generate --kv-merge --calibration auto -p "Tell me a story."
+  minicache-gguf analyze -o out/                 adjacent-layer K/V similarity: table + PNG
+  minicache-gguf calibrate -o smollm2.gguf       fit rotations, select pairs under a KLD budget
+  minicache-gguf eval --ctx 1024,4096 -o out/    PPL, KLD, top-1, passkey and KV bytes per mode
 """
 
 
@@ -31,7 +35,7 @@ def _cmd_info(args) -> int:
     print(f"patches:      {', '.join(p['name'] for p in m['patches']) or '(none)'}")
     print(f"native core:  {native.version()} (linked into {_engine.active_lib_dir() / 'libllama.so'})")
     print(f"default model: {default_model_path()}")
-    print("kv merging:   available (kv_merge=True / MergeConfig, --kv-merge); aligned merging (calibration) not yet")
+    print("kv merging:   kv_merge=True / MergeConfig (--kv-merge); aligned: MergeConfig(calibration=FILE | 'auto')")
     return 0
 
 
@@ -48,7 +52,8 @@ def _cmd_generate(args) -> int:
 
     kv_merge = False
     if args.kv_merge:
-        kv_merge = MergeConfig(start_layer=args.start_layer, t=args.t, gamma=args.gamma, window=args.window)
+        kv_merge = MergeConfig(start_layer=args.start_layer, t=args.t, gamma=args.gamma, window=args.window,
+                               calibration=args.calibration, alignment=args.alignment)
     llm = Llama(args.model, n_ctx=args.n_ctx, n_ubatch=args.n_ubatch, seed=args.seed, verbose=args.verbose,
                 kv_merge=kv_merge)
     t0 = time.perf_counter()
@@ -87,10 +92,78 @@ def _cmd_generate(args) -> int:
     else:
         mib = 1 << 20
         kv_line = (f"KV {kv.kv_bytes / mib:.1f} MiB vs {kv.kv_bytes_dense / mib:.1f} MiB dense ({kv.ratio:.2f}x), "
-                   f"{kv.tokens_merged} of {kv.tokens} tokens merged in {kv.merged_layer_pairs} layer pairs"
+                   f"{kv.tokens_merged} of {kv.tokens} tokens merged in {kv.merged_pools} (layer pair, K/V) pools"
+                   f"{f', {kv.aligned_pools} aligned' if kv.aligned_pools else ''}"
                    if kv_merge else f"KV {kv.kv_bytes / mib:.1f} MiB, kv_merge off")
         print(f"[prompt {n_prompt} tok in {summary['prompt_s']} s | generation {summary['generate_tok_per_s']} tok/s | {kv_line}]",
               file=sys.stderr)
+    return 0
+
+
+def _model(args):
+    from .model import default_model_path
+
+    return args.model if args.model else default_model_path()
+
+
+def _text(args):
+    from . import corpus
+
+    return corpus.read_text(args.text) if args.text else None
+
+
+def _cmd_analyze(args) -> int:
+    from . import analyze
+
+    res = analyze.analyze(_model(args), tokens=args.tokens, text=_text(args), progress=not args.no_progress)
+    print(analyze.to_markdown(res))
+    if args.output:
+        for f in analyze.write(res, args.output):
+            print(f"wrote {f}", file=sys.stderr)
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from . import calibration
+
+    cal = calibration.calibrate(_model(args), form=args.form, max_kld=args.max_kld, t=args.t, gamma=args.gamma,
+                                window=args.window, fit_tokens=args.tokens, context=args.context, scored=args.scored,
+                                text=_text(args), progress=not args.no_progress)
+    path = cal.save(args.output)
+    print(f"{path}: {cal.describe()}")
+    print(f"use it: Llama(kv_merge=MergeConfig(calibration={str(path)!r}))  |  minicache-gguf generate --kv-merge "
+          f"--calibration {path} -p ...")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from . import calibration, evaluate
+
+    model = _model(args)
+    cal_files = {}
+    for form in ("head", "full"):
+        f = getattr(args, f"calibration_{form}")
+        if f == "none":
+            continue
+        if f == "auto":
+            info = calibration.ModelInfo.of(model)
+            f = calibration.auto_calibration_path(info.sha256, form, 0.6, 0.05, args.window, calibration.DEFAULT_MAX_KLD)
+            if not f.is_file():
+                print(f"eval: calibrating {form} alignment first (cached in {f})", file=sys.stderr)
+                calibration.calibrate(model, form=form, window=args.window, progress=not args.no_progress).save(f)
+        cal_files[form] = f
+    rows = evaluate.default_rows(args.window, cal_files, args.rows.split(",") if args.rows else None)
+    try:
+        ctxs = [int(c) for c in args.ctx.split(",")]
+    except ValueError:
+        raise ValueError(f"--ctx {args.ctx!r} is not valid: expected comma-separated integers, e.g. 512,4096") from None
+    res = evaluate.run(model, ctxs=ctxs, chunks=args.chunks, rows=rows, text=_text(args), passkey_ctx=args.passkey_ctx,
+                       passkey_trials=args.passkey_trials, n_ubatch=args.n_ubatch, threads=args.threads,
+                       progress=not args.no_progress)
+    print(evaluate.to_markdown(res))
+    if args.output:
+        for f in evaluate.write(res, args.output):
+            print(f"wrote {f}", file=sys.stderr)
     return 0
 
 
@@ -129,7 +202,58 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--t", type=float, default=0.6, help="SLERP parameter in [0, 1] (default 0.6)")
     g.add_argument("--gamma", type=float, default=0.05, help="retention fraction in [0, 1] (default 0.05)")
     g.add_argument("--window", type=int, default=256, help="recent tokens kept exact (default 256)")
+    g.add_argument("--calibration", default=None, help="calibration file, or 'auto' (calibrate once, cached per model)")
+    g.add_argument("--alignment", default="head", choices=("head", "full"), help="rotation form of --calibration auto")
     p.set_defaults(func=_cmd_generate)
+
+    def common(p, tokens):
+        p.add_argument("-m", "--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+        p.add_argument("--text", default=None, help="UTF-8 text file (default: the built-in pydoc_data corpus)")
+        if tokens:
+            p.add_argument("--tokens", type=int, default=tokens, help=f"tokens of K/V captured (default {tokens})")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("analyze", help="cosine similarity of adjacent layers' K and V, raw and aligned (table + PNG)",
+                       epilog="example: minicache-gguf analyze -o out/   (writes out/analyze.{md,json,png})",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(p, 2048)
+    p.add_argument("-o", "--output", default=None, help="directory for analyze.md, analyze.json and analyze.png")
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("calibrate", help="fit per-pair rotations and select what to merge under a KLD budget",
+                       epilog="examples:\n  minicache-gguf calibrate -o smollm2-head.gguf\n"
+                              "  minicache-gguf calibrate -m model.gguf --form full --max-kld 0.05 -o model-full.gguf",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(p, 2048)
+    p.add_argument("-o", "--output", required=True, help="calibration file to write (GGUF)")
+    p.add_argument("--form", default="head", choices=("head", "full"),
+                   help="rotation per KV head (default: folds into attention for free) or over whole rows")
+    p.add_argument("--max-kld", type=float, default=0.02,
+                   help="quality budget: mean KLD (nats/token) of the whole selection on held-out calibration tokens (default 0.02)")
+    p.add_argument("--t", type=float, default=0.6, help="SLERP parameter (default 0.6)")
+    p.add_argument("--gamma", type=float, default=0.05, help="retention fraction (default 0.05)")
+    p.add_argument("--window", type=int, default=256, help="recent tokens kept exact while scoring (default 256)")
+    p.add_argument("--context", type=int, default=1024, help="held-out context tokens per score (default 1024)")
+    p.add_argument("--scored", type=int, default=128, help="held-out tokens scored after it (default 128)")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("eval", help="perplexity, KLD, top-1 and passkey vs the full cache, with KV bytes per token",
+                       epilog="examples:\n  minicache-gguf eval -o out/                      everything (slow on a CPU)\n"
+                              "  minicache-gguf eval --ctx 1024 --passkey-ctx 0 --rows aligned-head-w256,paper-w256",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(p, 0)
+    p.add_argument("-o", "--output", default=None, help="directory for eval.md, eval.json and eval.png")
+    p.add_argument("--ctx", default="512,1024,2048,4096,8192", help="context lengths (default 512,1024,2048,4096,8192)")
+    p.add_argument("--chunks", type=int, default=1, help="chunks of text per context length (default 1)")
+    p.add_argument("--rows", default=None, help="comma-separated rows (default: all; f16 is always run: the reference)")
+    p.add_argument("--window", type=int, default=256, help="window of the 'w<N>' rows (default 256; 'w0' rows use 1)")
+    p.add_argument("--passkey-ctx", type=int, default=4096, help="passkey context (default 4096; 0: skip)")
+    p.add_argument("--passkey-trials", type=int, default=1, help="keys per depth (default 1; depths 0.1..0.9)")
+    p.add_argument("--calibration-head", default="auto", help="per-head calibration file, 'auto' (default) or 'none'")
+    p.add_argument("--calibration-full", default="auto", help="whole-row calibration file, 'auto' (default) or 'none'")
+    p.add_argument("--n-ubatch", type=int, default=512, help="physical batch size (default 512)")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: all CPUs)")
+    p.set_defaults(func=_cmd_eval)
     return ap
 
 

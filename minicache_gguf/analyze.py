@@ -1,0 +1,107 @@
+"""`minicache-gguf analyze`: how similar adjacent layers' K and V really are (the paper's Figure 1a
+for the user's own model), raw and after the calibrated alignment, on held-out tokens."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import calibration, corpus
+
+
+def analyze(model_path, *, tokens: int = 2048, text: str | None = None, progress: bool = True) -> dict:
+    """Cosine similarity of every adjacent pair's K and V rows (whole rows and per KV head; mean
+    and 5th percentile), raw and aligned. Rotations are fitted on the first half of the tokens and
+    measured on the second half."""
+    from .llama import Llama
+
+    if not (isinstance(tokens, int) and tokens >= 128):
+        raise ValueError(f"tokens={tokens!r} is not valid: expected an integer >= 128")
+    info = calibration.ModelInfo.of(model_path)
+    llm = Llama(model_path, n_ctx=tokens, flash_attn=True, verbose=False)
+    try:
+        toks = corpus.tokens_for(llm, corpus.builtin_text("calibration") if text is None else text, tokens, "analysis")
+        st = calibration.capture_kv(llm, toks[:tokens])
+    finally:
+        llm.close()
+    half = tokens // 2
+    rows = []
+    n_pairs = info.n_layer - 1
+    bar = calibration._progress(2 * n_pairs, "analyze", progress)
+    for kind, data in (("k", st.k), ("v", st.v)):
+        for a in range(n_pairs):
+            x0, x1 = data[a].astype(np.float32), data[a + 1].astype(np.float32)
+            r_full = calibration.fit_rotation(x0[:half], x1[:half], "full", info.n_head_kv)
+            r_head = calibration.full_matrix("head", calibration.fit_rotation(x0[:half], x1[:half], "head", info.n_head_kv))
+            h0, h1 = x0[half:], x1[half:]
+            stats = {}
+            for name, c in (("row_raw", calibration.cosine(h0, h1)),
+                            ("row_aligned", calibration.cosine(h0 @ r_full, h1)),
+                            ("head_raw", calibration.cosine(h0, h1, info.n_head_kv)),
+                            ("head_aligned", calibration.cosine(h0 @ r_head, h1, info.n_head_kv))):
+                stats[name] = {"mean": float(c.mean()), "p5": float(np.percentile(c, 5))}
+            rows.append({"kind": kind, "pair": [a, a + 1], **stats})
+            if bar:
+                bar.update()
+    if bar:
+        bar.close()
+    return {"model": {"name": info.name, "arch": info.arch, "sha256": info.sha256, "n_layer": info.n_layer,
+                      "n_head_kv": info.n_head_kv, "path": str(model_path)},
+            "tokens": tokens, "fit_tokens": half, "heldout_tokens": tokens - half,
+            "text": "built-in calibration split (pydoc_data)" if text is None else "user text", "pairs": rows}
+
+
+def to_markdown(res: dict) -> str:
+    m = res["model"]
+    out = [f"## Adjacent-layer similarity: {m['name']} ({m['arch']}, {m['n_layer']} layers, {m['n_head_kv']} KV heads)",
+           "",
+           f"Cosine similarity of the cached rows of layers l and l+1 on {res['heldout_tokens']} held-out tokens "
+           f"(rotations fitted on the {res['fit_tokens']} tokens before them). mean / 5th percentile.",
+           "",
+           "| pair | K row raw | K row aligned | K head raw | K head aligned | V row raw | V row aligned | V head raw | V head aligned |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["kind"], r["pair"][0]): r for r in res["pairs"]}
+    f = lambda s: f"{s['mean']:+.2f} / {s['p5']:+.2f}"
+    for a in range(m["n_layer"] - 1):
+        k, v = by["k", a], by["v", a]
+        out.append(f"| {a}-{a + 1} | " + " | ".join(f(r[c]) for r in (k, v)
+                                                   for c in ("row_raw", "row_aligned", "head_raw", "head_aligned")) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot(res: dict, path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, kind in zip(axes, "kv"):
+        rs = [r for r in res["pairs"] if r["kind"] == kind]
+        x = [r["pair"][1] for r in rs]
+        for col, label, style in (("row_raw", "raw", "o-"), ("row_aligned", "aligned (whole-row R)", "s-"),
+                                  ("head_aligned", "aligned (per-head R)", "^--")):
+            ax.plot(x, [r[col]["mean"] for r in rs], style, ms=3, label=label)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title(f"{kind.upper()} cache: cos(layer l-1, layer l)")
+        ax.set_xlabel("layer l")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean cosine similarity (held-out tokens)")
+    axes[0].legend(loc="lower left", fontsize=8)
+    fig.suptitle(f"{res['model']['name']}: adjacent-layer KV similarity")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(res: dict, out_dir) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analyze.md").write_text(to_markdown(res))
+    (out / "analyze.json").write_text(json.dumps(res, indent=1))
+    return [out / "analyze.md", out / "analyze.json", plot(res, out / "analyze.png")]

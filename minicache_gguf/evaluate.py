@@ -1,0 +1,254 @@
+"""`minicache-gguf eval`: what a KV cache configuration costs in quality and saves in memory,
+measured through the real engine.
+
+For each context length C and each row (a KV cache configuration), the first C - E tokens of a
+chunk of evaluation text are prefilled and the last E = min(256, C/2) tokens are evaluated in one
+batch, whose E - 1 next-token predictions are scored; against the full f16 cache on the same chunk: perplexity, KL divergence (mean and 99th
+percentile, nats/token), top-1 agreement. Passkey retrieval: a number hidden at several depths
+of filler text, the model asked to repeat it (greedy). Every row reports the KV bytes per token
+its cache really allocated (kv_stats(): the backend buffers, staging/retention pools and
+rotations included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import calibration, corpus
+from .config import MergeConfig
+
+DEFAULT_CTX = (512, 1024, 2048, 4096, 8192)
+STOCK_TYPES = ("f16", "q8_0", "q5_0", "q4_0")
+MERGE_ROWS = ("paper", "paper-v", "aligned-head", "aligned-full")
+
+
+@dataclass
+class Row:
+    name: str
+    type_kv: str = "f16"
+    merge: Optional[MergeConfig] = None
+    what: str = ""
+
+    def kwargs(self) -> dict:
+        from .llama import llama_cpp
+
+        t = getattr(llama_cpp, f"GGML_TYPE_{self.type_kv.upper()}")
+        return dict(type_k=t, type_v=t, kv_merge=self.merge or False)
+
+
+def default_rows(window: int, cal_files: dict, names=None) -> list[Row]:
+    """f16 (the reference), stock q8_0/q5_0/q4_0, and each merge mode with the window on and off."""
+    rows = [Row(t, t, None, "stock llama.cpp KV" + (" (full cache, the reference)" if t == "f16" else ""))
+            for t in STOCK_TYPES]
+    for w, tag in ((window, f"w{window}"), (1, "w0")):
+        on = "recent window exact" if w > 1 else "no window"
+        rows.append(Row(f"paper-{tag}", merge=MergeConfig(window=w), what=f"paper-faithful SLERP, S=L/2, K+V, {on}"))
+        rows.append(Row(f"paper-v-{tag}", merge=MergeConfig(window=w, merge_k=False), what=f"paper-faithful, V only, {on}"))
+        for form in ("head", "full"):
+            if form in cal_files:
+                rows.append(Row(f"aligned-{form}-{tag}", merge=MergeConfig(window=w, calibration=cal_files[form]),
+                                what=f"calibrated {'per-head' if form == 'head' else 'whole-row'} alignment, {on}"))
+    if names:
+        known = {r.name for r in rows}
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise ValueError(f"row(s) {', '.join(map(repr, bad))} not valid: expected some of {', '.join(sorted(known))}")
+        rows = [r for r in rows if r.name in names or r.name == "f16"]
+    return rows
+
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+                 "Find it and memorize it. I will quiz you about the important information there.\n\n")
+PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def passkey_prompt(llm, n_ctx: int, depth: float, key: int) -> str:
+    """A prompt of about n_ctx - 16 tokens with the key line at `depth` (0 = start, 1 = end) of the filler."""
+    line = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    per = len(llm.tokenize(FILLER.encode(), add_bos=False))
+    fixed = len(llm.tokenize((PASSKEY_INTRO + line + PASSKEY_QUESTION).encode()))
+    n_fill = max(1, (n_ctx - 16 - fixed) // per)
+    before = int(round(depth * n_fill))
+    return PASSKEY_INTRO + FILLER * before + line + FILLER * (n_fill - before) + PASSKEY_QUESTION
+
+
+@dataclass
+class Result:
+    rows: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+
+
+def _metrics(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict:
+    lq = calibration.log_softmax(got)
+    nll = -lq[np.arange(len(targets)), targets]
+    kl = calibration.kld_per_token(ref, got)
+    return {"nll": nll, "kld": kl, "top1": (ref.argmax(-1) == got.argmax(-1))}
+
+
+def run(model_path, *, ctxs=DEFAULT_CTX, chunks: int = 1, rows: Optional[list[Row]] = None, text: Optional[str] = None,
+        passkey_ctx: int = 4096, passkey_depths=(0.1, 0.3, 0.5, 0.7, 0.9), passkey_trials: int = 1,
+        n_ubatch: int = 512, threads: Optional[int] = None, progress: bool = True, seed: int = 1234) -> Result:
+    from .llama import Llama
+
+    if rows is None:
+        raise ValueError("rows: pass default_rows(...) or a list of Row")
+    if rows[0].name != "f16":
+        raise ValueError("the first row must be the f16 reference")
+    ctxs = sorted(set(int(c) for c in ctxs))
+    if not ctxs or ctxs[0] < 64:
+        raise ValueError(f"context lengths {ctxs} are not valid: expected integers >= 64")
+    if not (isinstance(chunks, int) and chunks >= 1):
+        raise ValueError(f"chunks={chunks!r} is not valid: expected an integer >= 1")
+    threads = threads or os.cpu_count() or 1
+    common = dict(flash_attn=True, n_ubatch=n_ubatch, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    vocab = Llama(model_path, n_ctx=64, vocab_only=True, verbose=False)
+    src = corpus.builtin_text("eval") if text is None else text
+    need = max(ctxs) * chunks
+    toks = corpus.tokens_for(vocab, src, need, "evaluation")
+    info = calibration.ModelInfo.of(model_path)
+
+    keys = random.Random(seed)
+    trials = [(d, keys.randrange(10000, 99999)) for d in passkey_depths for _ in range(passkey_trials)] if passkey_ctx else []
+    total = len(ctxs) * chunks * len(rows) + len(trials) * len(rows)
+    bar = calibration._progress(total, "eval", progress)
+
+    out = {r.name: {"name": r.name, "what": r.what, "quality": {}, "kv_bytes_per_token": {}, "passkey": None} for r in rows}
+    for c in ctxs:
+        e = min(256, c // 2)
+        ref_logits = []
+        for r in rows:
+            acc = {"nll": [], "kld": [], "top1": []}
+            llm = Llama(model_path, n_ctx=c, logits_all=True, **common, **r.kwargs())
+            try:
+                out[r.name]["kv_bytes_per_token"][c] = llm.kv_stats().kv_bytes / c
+                for j in range(chunks):
+                    chunk = toks[j * c:(j + 1) * c]
+                    llm.reset()
+                    llm.eval(chunk[:c - e])
+                    llm.eval(chunk[c - e:])
+                    # the scored batch's own predictions: positions c-e .. c-2 predict chunk[c-e+1 .. c-1]
+                    logits = np.array(llm.scores[c - e:c - 1], dtype=np.float32)
+                    if r.name == "f16":
+                        ref_logits.append(logits)
+                    m = _metrics(ref_logits[j], logits, np.array(chunk[c - e + 1:c]))
+                    for k in acc:
+                        acc[k].append(m[k])
+                    if bar:
+                        bar.update()
+            finally:
+                llm.close()
+            nll, kl, top1 = (np.concatenate(acc[k]) for k in ("nll", "kld", "top1"))
+            out[r.name]["quality"][c] = {"ppl": float(np.exp(nll.mean())), "kld_mean": float(kl.mean()),
+                                         "kld_p99": float(np.percentile(kl, 99)), "top1": float(top1.mean()),
+                                         "scored_tokens": int(len(kl))}
+        base = out["f16"]["quality"][c]["ppl"]
+        for r in rows:
+            out[r.name]["quality"][c]["ppl_ratio"] = out[r.name]["quality"][c]["ppl"] / base
+
+    if trials:
+        for r in rows:
+            llm = Llama(model_path, n_ctx=passkey_ctx, **common, **r.kwargs())
+            try:
+                out[r.name]["kv_bytes_per_token"].setdefault(passkey_ctx, llm.kv_stats().kv_bytes / passkey_ctx)
+                hits = []
+                for depth, key in trials:
+                    llm.reset()
+                    prompt = passkey_prompt(llm, passkey_ctx, depth, key)
+                    text_out = llm.create_completion(prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+                    found = re.findall(r"\d+", text_out)
+                    hits.append({"depth": depth, "key": key, "answer": text_out.strip(), "ok": bool(found) and found[0] == str(key)})
+                    if bar:
+                        bar.update()
+            finally:
+                llm.close()
+            out[r.name]["passkey"] = {"ctx": passkey_ctx, "accuracy": sum(h["ok"] for h in hits) / len(hits),
+                                      "trials": hits}
+    if bar:
+        bar.close()
+
+    for r in rows:
+        d = out[r.name]
+        d["kv_bytes_per_token"] = {str(k): v for k, v in d["kv_bytes_per_token"].items()}
+        d["quality"] = {str(k): v for k, v in d["quality"].items()}
+        ref = out["f16"]["kv_bytes_per_token"]
+        d["compression"] = {k: ref[k] / v for k, v in d["kv_bytes_per_token"].items() if k in ref}
+    return Result(rows=[out[r.name] for r in rows],
+                  settings={"ctx": ctxs, "chunks": chunks, "scored_per_chunk": {str(c): min(256, c // 2) for c in ctxs},
+                            "passkey_ctx": passkey_ctx, "passkey_depths": list(passkey_depths),
+                            "passkey_trials": passkey_trials, "n_ubatch": n_ubatch, "flash_attn": True,
+                            "text": "built-in eval split (pydoc_data)" if text is None else "user text",
+                            "merge": {r.name: (r.merge.to_dict() if r.merge else None) for r in rows}},
+                  model={"name": info.name, "arch": info.arch, "sha256": info.sha256, "path": str(model_path)})
+
+
+def to_markdown(res: Result) -> str:
+    out = [f"## KV cache quality and memory: {res.model['name']}", "",
+           f"Scored against the full f16 cache on the same tokens ({res.settings['text']}; flash attention on, "
+           f"n_ubatch {res.settings['n_ubatch']}). KV B/tok = bytes the cache allocated / n_ctx.", ""]
+    for c in res.settings["ctx"]:
+        k = str(c)
+        out += [f"### context {c} ({res.settings['chunks']} chunk(s), last {res.settings['scored_per_chunk'][k]} tokens scored)", "",
+                "| row | KV B/tok | compression | PPL | PPL × | KLD mean | KLD p99 | top-1 |", "|---|---|---|---|---|---|---|---|"]
+        for r in res.rows:
+            q = r["quality"][k]
+            out.append(f"| {r['name']} | {r['kv_bytes_per_token'][k]:.0f} | {r['compression'][k]:.2f}× | {q['ppl']:.3f} | "
+                       f"{q['ppl_ratio']:.3f} | {q['kld_mean']:.4f} | {q['kld_p99']:.3f} | {q['top1']:.3f} |")
+        out.append("")
+    if any(r["passkey"] for r in res.rows):
+        pk = res.settings["passkey_ctx"]
+        out += [f"### passkey retrieval at context {pk}", "", "| row | accuracy | KV B/tok | compression | answers (depth: answer) |",
+                "|---|---|---|---|---|"]
+        for r in res.rows:
+            p = r["passkey"]
+            ans = "; ".join(f"{t['depth']:.1f}: {'✓' if t['ok'] else '✗ ' + repr(t['answer'][:16])}" for t in p["trials"])
+            out.append(f"| {r['name']} | {p['accuracy']:.2f} | {r['kv_bytes_per_token'][str(pk)]:.0f} | "
+                       f"{r['compression'][str(pk)]:.2f}× | {ans} |")
+        out.append("")
+    out += ["Rows:", ""] + [f"- `{r['name']}`: {r['what']}" for r in res.rows]
+    return "\n".join(out) + "\n"
+
+
+def plot(res: Result, path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = str(max(res.settings["ctx"]))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for r in res.rows:
+        x, y = r["kv_bytes_per_token"][c], max(r["quality"][c]["kld_mean"], 1e-5)
+        marker = "s" if r["name"] in STOCK_TYPES else ("o" if r["name"].startswith("aligned") else "^")
+        ax.scatter([x], [y], marker=marker, s=40)
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("KV cache bytes per token (allocated)")
+    ax.set_ylabel("KLD vs full f16 cache (nats/token, mean)")
+    ax.set_title(f"{res.model['name']}: quality vs KV memory at context {c}")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(res: Result, out_dir) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.md").write_text(to_markdown(res))
+    (out / "eval.json").write_text(json.dumps({"model": res.model, "settings": res.settings, "rows": res.rows}, indent=1))
+    return [out / "eval.md", out / "eval.json", plot(res, out / "eval.png")]
