@@ -139,12 +139,20 @@ def _cmd_calibrate(args) -> int:
 def _cmd_eval(args) -> int:
     from . import calibration, evaluate
 
+    try:
+        ctxs = [int(c) for c in args.ctx.split(",")]
+    except ValueError:
+        raise ValueError(f"--ctx {args.ctx!r} is not valid: expected comma-separated integers, e.g. 512,4096") from None
+    names = args.rows.split(",") if args.rows else None
+    forms = [f for f in ("head", "full") if getattr(args, f"calibration_{f}") != "none"]
+    evaluate.default_rows(args.window, {f: None for f in forms}, names)  # validates the names before any work
+    text = _text(args)
     model = _model(args)
     cal_files = {}
-    for form in ("head", "full"):
-        f = getattr(args, f"calibration_{form}")
-        if f == "none":
+    for form in forms:
+        if names and not any(n.startswith(f"aligned-{form}") for n in names):
             continue
+        f = getattr(args, f"calibration_{form}")
         if f == "auto":
             info = calibration.ModelInfo.of(model)
             f = calibration.auto_calibration_path(info.sha256, form, 0.6, 0.05, args.window, calibration.DEFAULT_MAX_KLD)
@@ -152,12 +160,8 @@ def _cmd_eval(args) -> int:
                 print(f"eval: calibrating {form} alignment first (cached in {f})", file=sys.stderr)
                 calibration.calibrate(model, form=form, window=args.window, progress=not args.no_progress).save(f)
         cal_files[form] = f
-    rows = evaluate.default_rows(args.window, cal_files, args.rows.split(",") if args.rows else None)
-    try:
-        ctxs = [int(c) for c in args.ctx.split(",")]
-    except ValueError:
-        raise ValueError(f"--ctx {args.ctx!r} is not valid: expected comma-separated integers, e.g. 512,4096") from None
-    res = evaluate.run(model, ctxs=ctxs, chunks=args.chunks, rows=rows, text=_text(args), passkey_ctx=args.passkey_ctx,
+    rows = evaluate.default_rows(args.window, cal_files, names)
+    res = evaluate.run(model, ctxs=ctxs, chunks=args.chunks, rows=rows, text=text, passkey_ctx=args.passkey_ctx,
                        passkey_trials=args.passkey_trials, n_ubatch=args.n_ubatch, threads=args.threads,
                        progress=not args.no_progress)
     print(evaluate.to_markdown(res))

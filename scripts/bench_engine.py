@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: llama-cpp-python's)")
     ap.add_argument("--flash-attn", action="store_true", help="flash attention on (merged layers restore K/V then)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--calibration", default=None,
+                    help="merge as this calibration file selects (aligned merging) instead of the paper's layout")
     a = ap.parse_args()
     if a.prefill + a.decode > a.n_ctx:
         ap.error(f"--prefill {a.prefill} + --decode {a.decode} does not fit --n-ctx {a.n_ctx}")
@@ -65,7 +67,7 @@ def main() -> None:
     probe = Llama(model, n_ctx=64, vocab_only=True, verbose=False)
     toks = corpus_tokens(probe, a.prefill + a.decode)
 
-    modes = {"off": False, "on": MergeConfig()}
+    modes = {"off": False, "on": MergeConfig(calibration=a.calibration) if a.calibration else MergeConfig()}
     res = {m: {"prefill": [], "decode": []} for m in modes}
     stats = {}
     for rep in range(a.reps):
@@ -81,7 +83,8 @@ def main() -> None:
     # each rep runs off then on back to back: their ratio sees the same machine load
     paired = {k: statistics.median(on / off for on, off in zip(res["on"][k], res["off"][k])) for k in ("prefill", "decode")}
     print()
-    print(f"default model, n_ctx {a.n_ctx}, f16 KV, flash attention {'on' if a.flash_attn else 'off'}, "
+    print(f"{Path(model).name}, n_ctx {a.n_ctx}, f16 KV, flash attention {'on' if a.flash_attn else 'off'}, "
+          f"merge: {f'calibration {a.calibration}' if a.calibration else 'paper layout (S=L/2, K+V)'}, "
           f"{a.prefill} tokens prefilled, {a.decode} decoded; {a.reps} alternating reps")
     print("| kv_merge | KV bytes allocated | prefill tok/s median (best) | decode tok/s median (best) |")
     print("|---|---|---|---|")

@@ -1,0 +1,73 @@
+"""analyze and eval through the command line, on the real default model (small settings)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from minicache_gguf import cli, evaluate
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_analyze_writes_table_json_and_plot(tmp_path, capsys):
+    assert cli.main(["analyze", "--tokens", "512", "--no-progress", "-o", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| 14-15 |" in table and "K row aligned" in table
+    res = json.loads((tmp_path / "analyze.json").read_text())
+    assert len(res["pairs"]) == 2 * 29 and res["heldout_tokens"] == 256
+    raw = np.mean([p["row_raw"]["mean"] for p in res["pairs"]])
+    aligned = np.mean([p["row_aligned"]["mean"] for p in res["pairs"]])
+    # FINDINGS §1: adjacent layers are nearly orthogonal raw; the fitted rotation helps on held-out tokens
+    assert abs(raw) < 0.2 and aligned > raw + 0.2, (raw, aligned)
+    for p in res["pairs"]:
+        for col in ("row_raw", "row_aligned", "head_raw", "head_aligned"):
+            assert -1 <= p[col]["p5"] <= p[col]["mean"] <= 1
+    assert (tmp_path / "analyze.png").read_bytes()[:8] == PNG
+
+
+def test_eval_small_run(tmp_path, capsys):
+    rc = cli.main(["eval", "--ctx", "128,256", "--rows", "q8_0,paper-w256", "--calibration-head", "none",
+                   "--calibration-full", "none", "--passkey-ctx", "256", "--no-progress", "-o", str(tmp_path)])
+    assert rc == 0
+    md = capsys.readouterr().out
+    assert "### context 256" in md and "### passkey retrieval at context 256" in md
+    res = json.loads((tmp_path / "eval.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    assert list(rows) == ["f16", "q8_0", "paper-w256"]
+    f16, q8 = rows["f16"], rows["q8_0"]
+    for c in ("128", "256"):
+        assert f16["quality"][c]["kld_mean"] == 0 and f16["quality"][c]["top1"] == 1
+        assert q8["quality"][c]["kld_mean"] > 0 and q8["quality"][c]["scored_tokens"] == int(c) // 2 - 1
+        # bytes the engine allocated: q8_0 packs 32 values in 34 bytes
+        assert q8["kv_bytes_per_token"][c] == pytest.approx(f16["kv_bytes_per_token"][c] * 34 / 64, rel=0.01)
+    # the window (256) covers these contexts: nothing is merged, the merged cache is exact
+    assert rows["paper-w256"]["quality"]["256"]["kld_mean"] == pytest.approx(0, abs=1e-6)
+    assert len(f16["passkey"]["trials"]) == 5 and 0 <= f16["passkey"]["accuracy"] <= 1
+    assert (tmp_path / "eval.png").read_bytes()[:8] == PNG and (tmp_path / "eval.md").read_text().strip() == md.strip()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["eval", "--ctx", "1k"], "--ctx '1k' is not valid"),
+    (["eval", "--rows", "q9_0", "--calibration-head", "none", "--calibration-full", "none"], "row(s) 'q9_0' not valid"),
+    (["calibrate", "-o", "/tmp/x.gguf", "--max-kld", "-1"], "max_kld=-1.0 is not valid"),
+    (["analyze", "--tokens", "10"], "tokens=10 is not valid"),
+    (["eval", "--text", "/nonexistent.txt", "--calibration-head", "none", "--calibration-full", "none"],
+     "text file '/nonexistent.txt' does not exist"),
+])
+def test_bad_options_are_one_clear_line(argv, msg, capsys):
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_passkey_prompt_places_the_key(model_path):
+    from minicache_gguf import Llama
+
+    llm = Llama(model_path, n_ctx=64, vocab_only=True, verbose=False)
+    for depth in (0.1, 0.9):
+        p = evaluate.passkey_prompt(llm, 1024, depth, 54321)
+        n = len(llm.tokenize(p.encode()))
+        assert 900 < n <= 1024 - 16 + 8
+        where = p.index("54321") / len(p)
+        assert abs(where - depth) < 0.1
