@@ -214,6 +214,24 @@ def kld_per_token(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
+def eval_logits(llm, tokens: list[int]) -> np.ndarray:
+    """Evaluate tokens after llm.n_tokens (as Llama.eval) and return the logits of every one of them
+    [n, n_vocab], without logits_all (which makes llama.cpp compute logits for the whole prompt
+    and llama-cpp-python allocate n_ctx x n_vocab floats)."""
+    llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+    n_vocab = llm.n_vocab()
+    out = []
+    for i in range(0, len(tokens), llm.n_batch):
+        batch = list(tokens[i:i + llm.n_batch])
+        n_past = llm.n_tokens
+        llm._batch.set_batch(batch=batch, n_past=n_past, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        llm.input_ids[n_past:n_past + len(batch)] = batch
+        out.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), n_vocab)).copy())
+        llm.n_tokens += len(batch)
+    return np.concatenate(out) if out else np.zeros((0, n_vocab), dtype=np.float32)
+
+
 class KldScorer:
     """Scores KV-state edits: a stock context holds `context` tokens; `kld(state)` loads an
     edited state and returns the KLD of the next `scored` tokens against the unedited cache."""
@@ -232,10 +250,8 @@ class KldScorer:
         self.ref = self._score()
 
     def _score(self) -> np.ndarray:
-        n = len(self.context)
-        self.llm.n_tokens = n
-        self.llm.eval(self.scored)
-        return np.array(self.llm.scores[n:n + len(self.scored)], dtype=np.float32)
+        self.llm.n_tokens = len(self.context)
+        return eval_logits(self.llm, self.scored)
 
     def logits(self, state: kvstate.SeqState) -> np.ndarray:
         kvstate.set_seq_state(self._lc, self.llm._ctx.ctx, kvstate.serialize_seq_state(state))
@@ -434,13 +450,18 @@ def _overlaps(c, chosen) -> bool:
 def calibrate(model_path, *, form: str = DEFAULT_FORM, max_kld: float = DEFAULT_MAX_KLD, t: float = 0.6,
               gamma: float = 0.05, window: int = 256, fit_tokens: int = DEFAULT_FIT_TOKENS,
               context: int = DEFAULT_CONTEXT, scored: int = DEFAULT_SCORED, text: Optional[str] = None,
-              progress: bool = True, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Calibration:
-    """Fit rotations on calibration text, score each candidate, select under the KLD budget."""
+              layout: Optional[int] = None, kinds: str = "kv", progress: bool = True, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Calibration:
+    """Fit rotations on calibration text, score each candidate, select under the KLD budget.
+
+    layout=S instead selects the paper's fixed layout (S, S+1), (S+2, S+3), ... for `kinds`
+    (no budget; the selection's KLD is still measured)."""
     from . import __version__, corpus
     from .llama import Llama
 
     if form not in FORMS:
         raise ValueError(f"form={form!r} is not valid: expected one of {FORMS}")
+    if kinds not in ("k", "v", "kv"):
+        raise ValueError(f"kinds={kinds!r} is not valid: expected 'k', 'v' or 'kv'")
     if not (max_kld > 0 and np.isfinite(max_kld)):
         raise ValueError(f"max_kld={max_kld!r} is not valid: expected a positive number (nats/token)")
     for name, v, lo in (("fit_tokens", fit_tokens, 64), ("context", context, 64), ("scored", scored, 8)):
@@ -448,7 +469,7 @@ def calibrate(model_path, *, form: str = DEFAULT_FORM, max_kld: float = DEFAULT_
             raise ValueError(f"{name}={v!r} is not valid: expected an integer >= {lo}")
     t0 = time.perf_counter()
     n_ctx = max(fit_tokens, context + scored)
-    llm = Llama(model_path, n_ctx=n_ctx, n_batch=512, logits_all=True, flash_attn=True, verbose=False)
+    llm = Llama(model_path, n_ctx=n_ctx, n_batch=512, flash_attn=True, verbose=False)
     try:
         info = ModelInfo.of(model_path)
         source = "built-in calibration text (pydoc_data, calibration split)" if text is None else "user text"
@@ -460,10 +481,18 @@ def calibrate(model_path, *, form: str = DEFAULT_FORM, max_kld: float = DEFAULT_
         st = capture_kv(llm, fit)
         rots = fit_all(st, form, info.n_head_kv)
         scorer = KldScorer(llm, held[:context], held[context:])
-        cands = [(k, a) for k in "kv" for a in range(info.n_layer - 1)]
         spec = lambda c: PairSpec(c[0], c[1], form, rots[c])
         sim = lambda sel: scorer.kld(simulate_merge(scorer.state, [spec(c) for c in sel], t, gamma, window))
-        cost = {}
+        if layout is not None:
+            if not (isinstance(layout, int) and 0 <= layout <= info.n_layer - 2):
+                raise ValueError(f"layout={layout!r} is not valid for {info.n_layer} layers: expected 0..{info.n_layer - 2}")
+            chosen = [(k, a) for a in range(layout, info.n_layer - 1, 2) for k in kinds]
+            cur = sim(chosen)
+            cost = {(k, a): float("nan") for k in "kv" for a in range(info.n_layer - 1)}
+            cands = []
+        else:
+            cands = [(k, a) for k in kinds for a in range(info.n_layer - 1)]
+            cost = {(k, a): float("nan") for k in "kv" for a in range(info.n_layer - 1)}
         bar = _progress(len(cands), "score pairs", progress)
         for c in cands:
             cost[c] = sim([c])
@@ -472,7 +501,9 @@ def calibrate(model_path, *, form: str = DEFAULT_FORM, max_kld: float = DEFAULT_
         if bar:
             bar.close()
         order = sorted(cands, key=lambda c: (cost[c], c))
-        chosen, cur, misses = [], 0.0, 0
+        if layout is None:
+            chosen, cur = [], 0.0
+        misses = 0
         bar = _progress(len(order), "select", progress)
         for c in order:
             if bar:
@@ -494,8 +525,8 @@ def calibrate(model_path, *, form: str = DEFAULT_FORM, max_kld: float = DEFAULT_
     chosen.sort(key=lambda c: (c[0], c[1]))
     costs = {k: np.array([cost[k, a] for a in range(info.n_layer - 1)]) for k in "kv"}
     cal = Calibration(model=info, form=form, pairs=[spec(c) for c in chosen], n_tokens=fit_tokens,
-                      settings={"t": t, "gamma": gamma, "window": window, "max_kld": max_kld, "context": context,
-                                "scored": scored, "corpus": source},
+                      settings={"t": t, "gamma": gamma, "window": window, "max_kld": None if layout is not None else max_kld,
+                                "layout": layout, "kinds": kinds, "context": context, "scored": scored, "corpus": source},
                       cost=costs, selection_kld=cur if chosen else 0.0, tool_version=__version__)
     log(f"calibrate: {cal.describe()} [{time.perf_counter() - t0:.0f} s]")
     return cal

@@ -128,7 +128,7 @@ def _cmd_calibrate(args) -> int:
 
     cal = calibration.calibrate(_model(args), form=args.form, max_kld=args.max_kld, t=args.t, gamma=args.gamma,
                                 window=args.window, fit_tokens=args.tokens, context=args.context, scored=args.scored,
-                                text=_text(args), progress=not args.no_progress)
+                                text=_text(args), layout=args.layout, kinds=args.kinds, progress=not args.no_progress)
     path = cal.save(args.output)
     print(f"{path}: {cal.describe()}")
     print(f"use it: Llama(kv_merge=MergeConfig(calibration={str(path)!r}))  |  minicache-gguf generate --kv-merge "
@@ -145,7 +145,7 @@ def _cmd_eval(args) -> int:
         raise ValueError(f"--ctx {args.ctx!r} is not valid: expected comma-separated integers, e.g. 512,4096") from None
     names = args.rows.split(",") if args.rows else None
     forms = [f for f in ("head", "full") if getattr(args, f"calibration_{f}") != "none"]
-    evaluate.default_rows(args.window, {f: None for f in forms}, names)  # validates the names before any work
+    evaluate.default_rows(args.window, {f: None for f in forms}, names, t=args.t, gamma=args.gamma)  # validates first
     text = _text(args)
     model = _model(args)
     cal_files = {}
@@ -160,7 +160,7 @@ def _cmd_eval(args) -> int:
                 print(f"eval: calibrating {form} alignment first (cached in {f})", file=sys.stderr)
                 calibration.calibrate(model, form=form, window=args.window, progress=not args.no_progress).save(f)
         cal_files[form] = f
-    rows = evaluate.default_rows(args.window, cal_files, names)
+    rows = evaluate.default_rows(args.window, cal_files, names, t=args.t, gamma=args.gamma)
     res = evaluate.run(model, ctxs=ctxs, chunks=args.chunks, rows=rows, text=text, passkey_ctx=args.passkey_ctx,
                        passkey_trials=args.passkey_trials, n_ubatch=args.n_ubatch, threads=args.threads,
                        progress=not args.no_progress)
@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=256, help="recent tokens kept exact while scoring (default 256)")
     p.add_argument("--context", type=int, default=1024, help="held-out context tokens per score (default 1024)")
     p.add_argument("--scored", type=int, default=128, help="held-out tokens scored after it (default 128)")
+    p.add_argument("--kinds", default="kv", choices=("kv", "k", "v"), help="which caches may be merged (default kv)")
+    p.add_argument("--layout", type=int, default=None, metavar="S",
+                   help="no budget: merge the paper's fixed pairs (S, S+1), (S+2, S+3), ... (aligned)")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("eval", help="perplexity, KLD, top-1 and passkey vs the full cache, with KV bytes per token",
@@ -251,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=1, help="chunks of text per context length (default 1)")
     p.add_argument("--rows", default=None, help="comma-separated rows (default: all; f16 is always run: the reference)")
     p.add_argument("--window", type=int, default=256, help="window of the 'w<N>' rows (default 256; 'w0' rows use 1)")
+    p.add_argument("--t", type=float, default=0.6, help="SLERP parameter of the merge rows (default 0.6)")
+    p.add_argument("--gamma", type=float, default=0.05, help="retention fraction of the merge rows (default 0.05)")
     p.add_argument("--passkey-ctx", type=int, default=4096, help="passkey context (default 4096; 0: skip)")
     p.add_argument("--passkey-trials", type=int, default=1, help="keys per depth (default 1; depths 0.1..0.9)")
     p.add_argument("--calibration-head", default="auto", help="per-head calibration file, 'auto' (default) or 'none'")

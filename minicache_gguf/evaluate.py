@@ -46,17 +46,18 @@ class Row:
         return dict(type_k=t, type_v=t, kv_merge=self.merge or False)
 
 
-def default_rows(window: int, cal_files: dict, names=None) -> list[Row]:
+def default_rows(window: int, cal_files: dict, names=None, t: float = 0.6, gamma: float = 0.05) -> list[Row]:
     """f16 (the reference), stock q8_0/q5_0/q4_0, and each merge mode with the window on and off."""
     rows = [Row(t, t, None, "stock llama.cpp KV" + (" (full cache, the reference)" if t == "f16" else ""))
             for t in STOCK_TYPES]
     for w, tag in ((window, f"w{window}"), (1, "w0")):
         on = "recent window exact" if w > 1 else "no window"
-        rows.append(Row(f"paper-{tag}", merge=MergeConfig(window=w), what=f"paper-faithful SLERP, S=L/2, K+V, {on}"))
-        rows.append(Row(f"paper-v-{tag}", merge=MergeConfig(window=w, merge_k=False), what=f"paper-faithful, V only, {on}"))
+        mk = lambda **kw: MergeConfig(window=w, t=t, gamma=gamma, **kw)
+        rows.append(Row(f"paper-{tag}", merge=mk(), what=f"paper-faithful SLERP, S=L/2, K+V, {on}"))
+        rows.append(Row(f"paper-v-{tag}", merge=mk(merge_k=False), what=f"paper-faithful, V only, {on}"))
         for form in ("head", "full"):
             if form in cal_files:
-                rows.append(Row(f"aligned-{form}-{tag}", merge=MergeConfig(window=w, calibration=cal_files[form]),
+                rows.append(Row(f"aligned-{form}-{tag}", merge=mk(calibration=cal_files[form]),
                                 what=f"calibrated {'per-head' if form == 'head' else 'whole-row'} alignment, {on}"))
     if names:
         known = {r.name for r in rows}
@@ -131,16 +132,15 @@ def run(model_path, *, ctxs=DEFAULT_CTX, chunks: int = 1, rows: Optional[list[Ro
         ref_logits = []
         for r in rows:
             acc = {"nll": [], "kld": [], "top1": []}
-            llm = Llama(model_path, n_ctx=c, logits_all=True, **common, **r.kwargs())
+            llm = Llama(model_path, n_ctx=c, **common, **r.kwargs())
             try:
                 out[r.name]["kv_bytes_per_token"][c] = llm.kv_stats().kv_bytes / c
                 for j in range(chunks):
                     chunk = toks[j * c:(j + 1) * c]
                     llm.reset()
                     llm.eval(chunk[:c - e])
-                    llm.eval(chunk[c - e:])
                     # the scored batch's own predictions: positions c-e .. c-2 predict chunk[c-e+1 .. c-1]
-                    logits = np.array(llm.scores[c - e:c - 1], dtype=np.float32)
+                    logits = calibration.eval_logits(llm, chunk[c - e:])[:-1]
                     if r.name == "f16":
                         ref_logits.append(logits)
                     m = _metrics(ref_logits[j], logits, np.array(chunk[c - e + 1:c]))
