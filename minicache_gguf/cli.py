@@ -1,6 +1,6 @@
 """`minicache-gguf` command line.
 
-Subcommands now: info, model, generate, analyze, calibrate, eval. Later: chat, serve, bench.
+Subcommands now: info, model, generate, chat, analyze, calibrate, eval. Later: serve, bench.
 Errors print as one line (exit 2 for usage, 1 otherwise); --debug shows the traceback.
 """
 
@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   minicache-gguf generate -m model.gguf --raw -p "def fib(n):" --temp 0
   minicache-gguf generate --kv-merge --window 64 -p "Tell me a story." -n 256
   minicache-gguf generate --kv-merge --calibration auto -p "Tell me a story."
+  minicache-gguf chat                            terminal chat on the default model (/? for help)
+  minicache-gguf chat --calibration auto -p "Hi"   one reply with aligned merging, then exit
   minicache-gguf analyze -o out/                 adjacent-layer K/V similarity: table + PNG
   minicache-gguf calibrate -o smollm2.gguf       fit rotations, select pairs under a KLD budget
   minicache-gguf eval --ctx 1024,4096 -o out/    PPL, KLD, top-1, passkey and KV bytes per mode
@@ -110,6 +112,35 @@ def _text(args):
     from . import corpus
 
     return corpus.read_text(args.text) if args.text else None
+
+
+def _cmd_chat(args) -> int:
+    from . import calibration, chat
+    from .config import MergeConfig
+    from .llama import Llama
+
+    model = _model(args)
+    cal = args.calibration
+    why = ""
+    if cal is None and not args.no_kv_merge:
+        # merging is on by default where a calibration for this model exists (made with the defaults)
+        info = calibration.ModelInfo.of(model)
+        p = calibration.auto_calibration_path(info.sha256, "head", 0.6, 0.05, 256, calibration.DEFAULT_MAX_KLD)
+        if p.is_file():
+            cal = str(p)
+        else:
+            why = " (no calibration for this model yet: --calibration auto makes one)"
+    kv_merge = False if args.no_kv_merge or cal is None else MergeConfig(calibration=cal, window=args.window)
+    llm = Llama(model, n_ctx=args.n_ctx, seed=args.seed, verbose=args.verbose, kv_merge=kv_merge)
+    if kv_merge:
+        describe = f"MiniCache aligned merging on: {llm.calibration.describe()}"
+    else:
+        describe = "f16, merging off" + ("" if args.no_kv_merge else why)
+    sess = chat.Session(llm, describe, temperature=args.temp, max_tokens=args.max_tokens, system=args.system or "")
+    sess.reset()
+    if args.prompt is not None:
+        return 0 if chat.reply(sess, args.prompt) else 1
+    return chat.repl(sess, model)
 
 
 def _cmd_analyze(args) -> int:
@@ -210,6 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alignment", default="head", choices=("head", "full"), help="rotation form of --calibration auto")
     p.set_defaults(func=_cmd_generate)
 
+    p = sub.add_parser("chat", help="terminal chat (streams; keeps the conversation in the KV cache; /? for help)",
+                       epilog="examples:\n  minicache-gguf chat\n  minicache-gguf chat --calibration auto --n-ctx 8192\n"
+                              "  minicache-gguf chat -p \"Name three rivers.\" --temp 0",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("-p", "--prompt", default=None, help="answer this one message and exit (for scripts)")
+    p.add_argument("--n-ctx", type=int, default=4096, help="context size (default 4096)")
+    p.add_argument("--temp", type=float, default=0.7, help="temperature (default 0.7; /set temperature)")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest reply (default 512)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    g = p.add_argument_group("kv merging (on by default when a calibration for the model exists)")
+    g.add_argument("--calibration", default=None, help="calibration file or 'auto' (calibrate once, cached)")
+    g.add_argument("--no-kv-merge", action="store_true", help="merging off")
+    g.add_argument("--window", type=int, default=256, help="recent tokens kept exact (default 256)")
+    p.set_defaults(func=_cmd_chat)
+
     def common(p, tokens):
         p.add_argument("-m", "--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
         p.add_argument("--text", default=None, help="UTF-8 text file (default: the built-in pydoc_data corpus)")
@@ -269,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.cmd == "chat":
+        if args.n_ctx < 64:
+            ap.error(f"--n-ctx {args.n_ctx} is not valid: expected an integer >= 64")
+        if args.temp < 0:
+            ap.error(f"--temp {args.temp} is not valid: expected a number >= 0")
+        if args.max_tokens < 1:
+            ap.error(f"--max-tokens {args.max_tokens} is not valid: expected a positive integer")
     if args.cmd == "generate":
         if args.n < 1:
             ap.error(f"-n {args.n} is not valid: expected a positive integer")

@@ -1,0 +1,84 @@
+"""`minicache-gguf chat` through a real pseudo-terminal (pexpect), merging on, on the default model."""
+
+import os
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from minicache_gguf import calibration
+
+CLI = str(Path(sys.executable).with_name("minicache-gguf"))
+
+
+@pytest.fixture(scope="module")
+def cal_file(model_path, tmp_path_factory):
+    cal = calibration.calibrate(model_path, form="head", fit_tokens=160, context=128, scored=16, window=32,
+                                max_kld=0.05, progress=False, log=lambda s: None)
+    return cal.save(tmp_path_factory.mktemp("cal") / "cal.gguf")
+
+
+def spawn(*args):
+    env = dict(os.environ, TERM="dumb")
+    return pexpect.spawn(CLI, ["chat", "--temp", "0", *args], env=env, encoding="utf-8", timeout=120)
+
+
+def test_chat_repl_in_a_terminal(cal_file):
+    c = spawn("--n-ctx", "1024", "--window", "32", "--calibration", str(cal_file))
+    c.expect("KV: MiniCache aligned merging on")
+    c.expect(">>> ")
+    c.sendline("/?")
+    c.expect("/show kv")
+    c.expect(">>> ")
+    c.sendline('"""')
+    c.sendline("Say hello")
+    c.sendline('in French."""')
+    c.expect(r"\[prompt \d+ new tok \(0 reused from the cache\)")
+    c.expect(">>> ")
+    c.sendline("And in Spanish?")
+    c.expect(r"\[prompt \d+ new tok \((\d+) reused from the cache\)")
+    assert int(c.match.group(1)) > 10  # the conversation stayed in the cache
+    c.expect(">>> ")
+    c.sendline("/show kv")
+    c.expect(r"KV [\d.]+ MiB allocated vs [\d.]+ MiB without merging .* (\d+) merged")
+    c.expect(">>> ")
+    c.sendline("/set max_tokens 400")
+    c.expect("max_tokens = 400")
+    c.sendline("Write a very long story about a dragon who learns to read.")
+    c.expect("learns to read.\r\n")  # the terminal's echo of the line
+    c.expect(r"\w+ \w+ \w+")          # the reply is streaming
+    c.sendintr()                # Ctrl-C mid-reply: back to the prompt
+    c.expect(r"\[interrupted; prompt")
+    c.expect(">>> ")
+    c.sendline("/show info")
+    c.expect("context: 1024 tokens")
+    c.expect("max_tokens 400")
+    c.sendline("/nonsense")
+    c.expect("Unknown command")
+    c.sendcontrol("c")          # Ctrl-C at the prompt does not exit
+    c.expect("Use Ctrl \\+ d or /bye to exit")
+    c.sendcontrol("d")          # Ctrl-D exits
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0
+
+
+def test_chat_context_full_is_a_message_not_a_crash():
+    c = spawn("--n-ctx", "64", "--no-kv-merge")
+    c.expect("KV: f16, merging off")
+    c.expect(">>> ")
+    c.sendline("Please repeat this sentence many times. " * 12)
+    c.expect("context full: this turn needs \\d+ tokens and the context holds 64. Type /clear")
+    c.expect(">>> ")
+    c.sendline("/bye")
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0
+
+
+def test_chat_one_shot_prompt():
+    out = pexpect.run(f"{CLI} chat --no-kv-merge --n-ctx 512 --temp 0 --max-tokens 8 -p 'Name a colour.'",
+                      encoding="utf-8", timeout=120, withexitstatus=True)
+    text, status = out
+    assert status == 0 and "[prompt" in text and ">>>" not in text
