@@ -281,7 +281,9 @@ class Calibration:
         vs = [q.layer for q in self.pairs if q.kind == "v"]
         fmt = lambda ls: ", ".join(f"{l}-{l + 1}" for l in ls) or "none"
         return (f"{self.form} alignment, {len(ks)} K pairs ({fmt(ks)}), {len(vs)} V pairs ({fmt(vs)}); "
-                f"KLD {self.selection_kld:.4f} on held-out calibration tokens (budget {self.settings.get('max_kld')})")
+                f"KLD {self.selection_kld:.4f} on held-out calibration tokens ("
+                + (f"budget {self.settings.get('max_kld')})" if self.settings.get("layout") is None
+                   else f"fixed layout from layer {self.settings['layout']})"))
 
     def save(self, path) -> Path:
         import gguf
