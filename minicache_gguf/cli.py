@@ -1,6 +1,6 @@
 """`minicache-gguf` command line.
 
-Subcommands now: info, model, generate, chat, analyze, calibrate, eval. Later: serve, bench.
+Subcommands now: info, model, generate, chat, serve, analyze, calibrate, eval. Later: bench.
 Errors print as one line (exit 2 for usage, 1 otherwise); --debug shows the traceback.
 """
 
@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   minicache-gguf generate --kv-merge --calibration auto -p "Tell me a story."
   minicache-gguf chat                            terminal chat on the default model (/? for help)
   minicache-gguf chat --calibration auto -p "Hi"   one reply with aligned merging, then exit
+  minicache-gguf serve --kv_merge true --kv_calibration auto --n_ctx 8192 --port 8000
   minicache-gguf analyze -o out/                 adjacent-layer K/V similarity: table + PNG
   minicache-gguf calibrate -o smollm2.gguf       fit rotations, select pairs under a KLD budget
   minicache-gguf eval --ctx 1024,4096 -o out/    PPL, KLD, top-1, passkey and KV bytes per mode
@@ -143,6 +144,27 @@ def _cmd_chat(args) -> int:
     return chat.repl(sess, model)
 
 
+SERVE_EXAMPLES = """examples:
+  minicache-gguf serve --port 8000                     default model, merging off
+  minicache-gguf serve --kv_merge true --kv_calibration auto --n_ctx 8192
+  KV_MERGE=true KV_WINDOW=128 minicache-gguf serve --model model.gguf
+  minicache-gguf serve --config_file models.json       {"port": 8000, "models": [{"model": "m.gguf", "kv_merge": true}]}
+"""
+
+
+def _cmd_serve(args) -> int:
+    from . import server
+
+    # the server's options come from llama-cpp-python's settings classes: parsed here, so that other
+    # commands never import the server stack
+    p = argparse.ArgumentParser(prog="minicache-gguf serve", epilog=SERVE_EXAMPLES,
+                                description="OpenAI-compatible HTTP server (llama-cpp-python's) on the patched engine",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    server.add_arguments(p)
+    sargs = p.parse_args(args.args)
+    return server.serve(sargs)
+
+
 def _cmd_analyze(args) -> int:
     from . import analyze
 
@@ -259,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--window", type=int, default=256, help="recent tokens kept exact (default 256)")
     p.set_defaults(func=_cmd_chat)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (llama-cpp-python's) with the merge options",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="server options (minicache-gguf serve --help)")
+    p.set_defaults(func=_cmd_serve)
+
     def common(p, tokens):
         p.add_argument("-m", "--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
         p.add_argument("--text", default=None, help="UTF-8 text file (default: the built-in pydoc_data corpus)")
@@ -317,10 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    args, unknown = ap.parse_known_args(argv)
+    if args.cmd == "serve":
+        args.args = unknown + list(args.args or [])  # the server parser reads them
+    elif unknown:
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.cmd == "chat":
-        if args.n_ctx < 64:
-            ap.error(f"--n-ctx {args.n_ctx} is not valid: expected an integer >= 64")
+        if args.n_ctx < 256:
+            ap.error(f"--n-ctx {args.n_ctx} is not valid: expected an integer >= 256 (llama.cpp pads smaller contexts)")
         if args.temp < 0:
             ap.error(f"--temp {args.temp} is not valid: expected a number >= 0")
         if args.max_tokens < 1:

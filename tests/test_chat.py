@@ -25,7 +25,7 @@ def spawn(*args):
 
 
 def test_chat_repl_in_a_terminal(cal_file):
-    c = spawn("--n-ctx", "1024", "--window", "32", "--calibration", str(cal_file))
+    c = spawn("--n-ctx", "1024", "--window", "32", "--max-tokens", "40", "--calibration", str(cal_file))
     c.expect("KV: MiniCache aligned merging on")
     c.expect(">>> ")
     c.sendline("/?")
@@ -43,6 +43,8 @@ def test_chat_repl_in_a_terminal(cal_file):
     c.sendline("/show kv")
     c.expect(r"KV [\d.]+ MiB allocated vs [\d.]+ MiB without merging .* (\d+) merged")
     c.expect(">>> ")
+    c.sendline("/clear")
+    c.expect("Cleared the conversation")
     c.sendline("/set max_tokens 400")
     c.expect("max_tokens = 400")
     c.sendline("Write a very long story about a dragon who learns to read.")
@@ -65,11 +67,11 @@ def test_chat_repl_in_a_terminal(cal_file):
 
 
 def test_chat_context_full_is_a_message_not_a_crash():
-    c = spawn("--n-ctx", "64", "--no-kv-merge")
+    c = spawn("--n-ctx", "256", "--no-kv-merge")
     c.expect("KV: f16, merging off")
     c.expect(">>> ")
-    c.sendline("Please repeat this sentence many times. " * 12)
-    c.expect("context full: this turn needs \\d+ tokens and the context holds 64. Type /clear")
+    c.sendline("Please repeat this sentence many times. " * 40)
+    c.expect("context full: this turn needs \\d+ tokens and the context holds 256. Type /clear")
     c.expect(">>> ")
     c.sendline("/bye")
     c.expect(pexpect.EOF)
