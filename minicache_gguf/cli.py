@@ -1,6 +1,6 @@
 """`minicache-gguf` command line.
 
-Subcommands now: info, model, generate, chat, serve, analyze, calibrate, eval. Later: bench.
+Subcommands: info, model, generate, chat, serve, bench, analyze, calibrate, eval.
 Errors print as one line (exit 2 for usage, 1 otherwise); --debug shows the traceback.
 """
 
@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   minicache-gguf chat                            terminal chat on the default model (/? for help)
   minicache-gguf chat --calibration auto -p "Hi"   one reply with aligned merging, then exit
   minicache-gguf serve --kv_merge true --kv_calibration auto --n_ctx 8192 --port 8000
+  minicache-gguf bench --ctx 1024,4096 -o out/     KV MiB, prefill and decode tok/s per KV mode
   minicache-gguf analyze -o out/                 adjacent-layer K/V similarity: table + PNG
   minicache-gguf calibrate -o smollm2.gguf       fit rotations, select pairs under a KLD budget
   minicache-gguf eval --ctx 1024,4096 -o out/    PPL, KLD, top-1, passkey and KV bytes per mode
@@ -165,6 +166,45 @@ def _cmd_serve(args) -> int:
     return server.serve(sargs)
 
 
+def _auto_calibrations(args, model, forms, window=256) -> dict:
+    from . import calibration
+
+    out = {}
+    for form in forms:
+        f = getattr(args, f"calibration_{form}")
+        if f == "none":
+            continue
+        if f == "auto":
+            info = calibration.ModelInfo.of(model)
+            f = calibration.auto_calibration_path(info.sha256, form, 0.6, 0.05, window, calibration.DEFAULT_MAX_KLD)
+            if not f.is_file():
+                print(f"calibrating {form} alignment first (cached in {f})", file=sys.stderr)
+                calibration.calibrate(model, form=form, window=window, progress=not args.no_progress).save(f)
+        out[form] = f
+    return out
+
+
+def _cmd_bench(args) -> int:
+    from . import bench
+
+    try:
+        ctxs = [int(c) for c in args.ctx.split(",")]
+    except ValueError:
+        raise ValueError(f"--ctx {args.ctx!r} is not valid: expected comma-separated integers, e.g. 1024,4096") from None
+    names = args.modes.split(",") if args.modes else None
+    bench.modes({"head": None, "full": None}, names)  # validates the names before any work
+    model = _model(args)
+    forms = [f for f in ("head", "full") if not names or f"aligned-{f}" in names]
+    mode_kw = bench.modes(_auto_calibrations(args, model, forms), names)
+    res = bench.run(model, ctxs=ctxs, mode_kw=mode_kw, n_decode=args.decode, reps=args.reps,
+                    budget_mib=args.budget_mib, threads=args.threads, progress=not args.no_progress)
+    print(bench.to_markdown(res))
+    if args.output:
+        for f in bench.write(res, args.output):
+            print(f"wrote {f}", file=sys.stderr)
+    return 0
+
+
 def _cmd_analyze(args) -> int:
     from . import analyze
 
@@ -201,18 +241,8 @@ def _cmd_eval(args) -> int:
     evaluate.default_rows(args.window, {f: None for f in forms}, names, t=args.t, gamma=args.gamma)  # validates first
     text = _text(args)
     model = _model(args)
-    cal_files = {}
-    for form in forms:
-        if names and not any(n.startswith(f"aligned-{form}") for n in names):
-            continue
-        f = getattr(args, f"calibration_{form}")
-        if f == "auto":
-            info = calibration.ModelInfo.of(model)
-            f = calibration.auto_calibration_path(info.sha256, form, 0.6, 0.05, args.window, calibration.DEFAULT_MAX_KLD)
-            if not f.is_file():
-                print(f"eval: calibrating {form} alignment first (cached in {f})", file=sys.stderr)
-                calibration.calibrate(model, form=form, window=args.window, progress=not args.no_progress).save(f)
-        cal_files[form] = f
+    forms = [f for f in forms if not names or any(n.startswith(f"aligned-{f}") for n in names)]
+    cal_files = _auto_calibrations(args, model, forms, window=args.window)
     rows = evaluate.default_rows(args.window, cal_files, names, t=args.t, gamma=args.gamma)
     res = evaluate.run(model, ctxs=ctxs, chunks=args.chunks, rows=rows, text=text, passkey_ctx=args.passkey_ctx,
                        passkey_trials=args.passkey_trials, n_ubatch=args.n_ubatch, threads=args.threads,
@@ -285,6 +315,24 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER, help="server options (minicache-gguf serve --help)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("bench", help="KV MiB, prefill and decode tok/s per KV mode and context, side by side",
+                       epilog="examples:\n  minicache-gguf bench -o out/                 1k/4k/8k, f16, q8_0, paper, aligned-head\n"
+                              "  minicache-gguf bench --ctx 4096 --modes f16,aligned-head --reps 3 --budget-mib 32",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("-o", "--output", default=None, help="directory for bench.md, bench.json and bench.png")
+    p.add_argument("--ctx", default="1024,4096,8192", help="context lengths (default 1024,4096,8192)")
+    p.add_argument("--modes", default="f16,q8_0,paper,aligned-head",
+                   help="f16, q8_0, paper, aligned-head, aligned-full (default: all but aligned-full)")
+    p.add_argument("--decode", type=int, default=32, help="tokens decoded one at a time (default 32)")
+    p.add_argument("--reps", type=int, default=1, help="repetitions, modes back to back (default 1)")
+    p.add_argument("--budget-mib", type=float, default=64.0, help="KV memory budget for the largest-context column (default 64)")
+    p.add_argument("--calibration-head", default="auto", help="per-head calibration file or 'auto' (default)")
+    p.add_argument("--calibration-full", default="auto", help="whole-row calibration file or 'auto' (default)")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: all CPUs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_bench)
 
     def common(p, tokens):
         p.add_argument("-m", "--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")

@@ -1,0 +1,178 @@
+"""`minicache-gguf bench`: KV memory and speed of each KV mode side by side, in one run.
+
+Per context length and mode: the KV bytes the cache allocated (kv_stats), prefill tok/s (the
+context minus the decoded tokens, in n_batch chunks) and decode tok/s (one token at a time).
+Modes run back to back per context length and repetition, so their ratios see the same machine
+load. Plus, per mode, the largest context whose KV cache fits a memory budget (found by
+allocating real contexts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+from . import calibration, corpus
+from .config import MergeConfig
+
+
+def modes(cal_files: dict, names=None) -> dict:
+    from .llama import llama_cpp
+
+    q8 = llama_cpp.GGML_TYPE_Q8_0
+    out = {"f16": {}, "q8_0": dict(type_k=q8, type_v=q8), "paper": dict(kv_merge=MergeConfig())}
+    for form, f in cal_files.items():
+        out[f"aligned-{form}"] = dict(kv_merge=MergeConfig(calibration=f))
+    if names:
+        bad = [n for n in names if n not in out]
+        if bad:
+            raise ValueError(f"mode(s) {', '.join(map(repr, bad))} not valid: expected some of {', '.join(out)}")
+        out = {k: v for k, v in out.items() if k in names}
+    return out
+
+
+def _one(model, kw, n_ctx, toks, n_decode, threads):
+    from .llama import Llama
+
+    llm = Llama(model, n_ctx=n_ctx, flash_attn=True, n_threads=threads, n_threads_batch=threads, verbose=False, **kw)
+    try:
+        n_prefill = n_ctx - n_decode - 8
+        t0 = time.perf_counter()
+        llm.eval(toks[:n_prefill])
+        t1 = time.perf_counter()
+        for t in toks[n_prefill:n_prefill + n_decode]:
+            llm.eval([t])
+        t2 = time.perf_counter()
+        return n_prefill / (t1 - t0), n_decode / (t2 - t1), llm.kv_stats().kv_bytes
+    finally:
+        llm.close()
+
+
+def kv_bytes(model, kw, n_ctx) -> int:
+    from .llama import Llama
+
+    llm = Llama(model, n_ctx=n_ctx, flash_attn=True, verbose=False, **kw)
+    try:
+        return llm.kv_stats().kv_bytes
+    finally:
+        llm.close()
+
+
+def largest_context(model, kw, budget: int, lo: int = 256) -> int:
+    """The largest n_ctx (a multiple of 256) whose allocated KV cache fits `budget` bytes (0 if none)."""
+    b = kv_bytes(model, kw, lo)
+    if b > budget:
+        return 0
+    hi = max(lo + 256, int(2 * budget / (b / lo)) // 256 * 256)  # past the answer: bytes/token only falls
+    while kv_bytes(model, kw, hi) <= budget and hi < (1 << 20):
+        lo, hi = hi, hi * 2
+    while hi - lo > 256:
+        mid = (lo + hi) // 2 // 256 * 256
+        if kv_bytes(model, kw, mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def run(model, *, ctxs=(1024, 4096, 8192), mode_kw: dict, n_decode: int = 32, reps: int = 1,
+        budget_mib: float = 64.0, threads: Optional[int] = None, progress: bool = True) -> dict:
+    from .llama import Llama
+
+    ctxs = sorted(set(int(c) for c in ctxs))
+    if not ctxs or ctxs[0] < n_decode + 64:
+        raise ValueError(f"context lengths {ctxs} are not valid: expected integers >= {n_decode + 64}")
+    if not (isinstance(reps, int) and reps >= 1):
+        raise ValueError(f"reps={reps!r} is not valid: expected an integer >= 1")
+    if not budget_mib > 0:
+        raise ValueError(f"budget_mib={budget_mib!r} is not valid: expected a positive number")
+    threads = threads or os.cpu_count() or 1
+    vocab = Llama(model, n_ctx=64, vocab_only=True, verbose=False)
+    toks = corpus.tokens_for(vocab, corpus.builtin_text("eval"), max(ctxs), "benchmark")
+    bar = calibration._progress(len(ctxs) * reps * len(mode_kw) + len(mode_kw), "bench", progress)
+    _one(model, next(iter(mode_kw.values())), ctxs[0], toks, n_decode, threads)  # warm-up: page the model in
+    res = {m: {"by_ctx": {}} for m in mode_kw}
+    for c in ctxs:
+        runs = {m: [] for m in mode_kw}
+        for _ in range(reps):
+            for m, kw in mode_kw.items():
+                runs[m].append(_one(model, kw, c, toks, n_decode, threads))
+                if bar:
+                    bar.update()
+        for m, rs in runs.items():
+            res[m]["by_ctx"][str(c)] = {"kv_bytes": rs[0][2], "prefill_tok_s": statistics.median(r[0] for r in rs),
+                                        "decode_tok_s": statistics.median(r[1] for r in rs)}
+    budget = int(budget_mib * (1 << 20))
+    for m, kw in mode_kw.items():
+        res[m]["max_ctx_in_budget"] = largest_context(model, kw, budget)
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+    for m in res:
+        for c, r in res[m]["by_ctx"].items():
+            ref = res["f16"]["by_ctx"][c] if "f16" in res else r
+            r["vs_f16"] = {k: r[k] / ref[k] for k in ("kv_bytes", "prefill_tok_s", "decode_tok_s")}
+    info = calibration.ModelInfo.of(model)
+    return {"model": {"name": info.name, "sha256": info.sha256, "path": str(model)},
+            "settings": {"ctx": ctxs, "n_decode": n_decode, "reps": reps, "budget_mib": budget_mib, "threads": threads,
+                         "flash_attn": True, "modes": {m: {k: (v.to_dict() if isinstance(v, MergeConfig) else v)
+                                                           for k, v in kw.items()} for m, kw in mode_kw.items()}},
+            "modes": res}
+
+
+def to_markdown(r: dict) -> str:
+    s = r["settings"]
+    out = [f"## KV memory and speed: {r['model']['name']}", "",
+           f"flash attention on, {s['threads']} threads, {s['n_decode']} tokens decoded after a prefill of "
+           f"n_ctx - {s['n_decode'] + 8}; median of {s['reps']} rep(s), modes back to back.", "",
+           "| n_ctx | mode | KV MiB | KV vs f16 | prefill tok/s | vs f16 | decode tok/s | vs f16 |",
+           "|---|---|---|---|---|---|---|---|"]
+    for c in s["ctx"]:
+        for m, d in r["modes"].items():
+            x = d["by_ctx"][str(c)]
+            v = x["vs_f16"]
+            out.append(f"| {c} | {m} | {x['kv_bytes'] / (1 << 20):.1f} | {v['kv_bytes']:.2f}× | {x['prefill_tok_s']:.1f} | "
+                       f"{v['prefill_tok_s']:.2f}× | {x['decode_tok_s']:.1f} | {v['decode_tok_s']:.2f}× |")
+    out += ["", f"Largest context whose KV cache fits {s['budget_mib']:g} MiB (allocated, multiples of 256):", "",
+            "| mode | n_ctx |", "|---|---|"]
+    out += [f"| {m} | {d['max_ctx_in_budget']} |" for m, d in r["modes"].items()]
+    return "\n".join(out) + "\n"
+
+
+def plot(r: dict, path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ctxs = r["settings"]["ctx"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for m, d in r["modes"].items():
+        ys = [d["by_ctx"][str(c)] for c in ctxs]
+        axes[0].plot(ctxs, [y["kv_bytes"] / (1 << 20) for y in ys], "o-", label=m)
+        axes[1].plot(ctxs, [y["prefill_tok_s"] for y in ys], "o-", label=m)
+        axes[2].plot(ctxs, [y["decode_tok_s"] for y in ys], "o-", label=m)
+    for ax, t in zip(axes, ("KV cache MiB (allocated)", "prefill tok/s", "decode tok/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("n_ctx")
+        ax.set_title(t)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(r["model"]["name"])
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(r: dict, out_dir) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.md").write_text(to_markdown(r))
+    (out / "bench.json").write_text(json.dumps(r, indent=1))
+    return [out / "bench.md", out / "bench.json", plot(r, out / "bench.png")]

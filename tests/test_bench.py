@@ -1,0 +1,35 @@
+"""`minicache-gguf bench` on the real default model (tiny settings)."""
+
+import json
+
+from minicache_gguf import bench, cli
+from minicache_gguf.llama import llama_cpp
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_small_run(tmp_path, capsys):
+    rc = cli.main(["bench", "--ctx", "256,512", "--modes", "f16,q8_0,paper", "--decode", "4", "--budget-mib", "8",
+                   "--no-progress", "-o", str(tmp_path)])
+    assert rc == 0
+    assert "| 512 | paper |" in capsys.readouterr().out
+    res = json.loads((tmp_path / "bench.json").read_text())
+    m = res["modes"]
+    assert list(m) == ["f16", "q8_0", "paper"]
+    for c in ("256", "512"):
+        f16, q8 = m["f16"]["by_ctx"][c], m["q8_0"]["by_ctx"][c]
+        assert f16["kv_bytes"] == 30 * 2 * 192 * 2 * int(c)  # 30 layers, K+V, 192 wide, f16
+        assert abs(q8["kv_bytes"] / f16["kv_bytes"] - 34 / 64) < 0.01
+        for d in m.values():
+            assert d["by_ctx"][c]["prefill_tok_s"] > 0 and d["by_ctx"][c]["decode_tok_s"] > 0
+    # 8 MiB: f16 holds 8 MiB / 23040 B = 364 tokens -> 256; q8_0 (12240 B/token) -> 512; the merged
+    # cache's exact-slot pool alone is larger than 8 MiB at these sizes -> 0
+    assert (m["f16"]["max_ctx_in_budget"], m["q8_0"]["max_ctx_in_budget"], m["paper"]["max_ctx_in_budget"]) == (256, 512, 0)
+    assert (tmp_path / "bench.png").read_bytes()[:8] == PNG
+
+
+def test_largest_context_is_the_largest(model_path):
+    kw = dict(type_k=llama_cpp.GGML_TYPE_Q8_0, type_v=llama_cpp.GGML_TYPE_Q8_0)
+    budget = 20 << 20
+    n = bench.largest_context(model_path, kw, budget)
+    assert bench.kv_bytes(model_path, kw, n) <= budget < bench.kv_bytes(model_path, kw, n + 256)
