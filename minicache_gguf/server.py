@@ -25,7 +25,8 @@ class MiniCacheModelSettings(ModelSettings):
     """A model entry: llama-cpp-python's fields plus MiniCache's."""
 
     model: str = Field(default="", description="GGUF model path (default: the default model, SmolLM2-135M-Instruct Q4_1)")
-    kv_merge: bool = Field(default=False, description="MiniCache cross-layer KV merging")
+    kv_merge: Optional[bool] = Field(
+        default=None, description="MiniCache cross-layer KV merging (unset: on when a calibration for the model exists)")
     kv_calibration: Optional[str] = Field(
         default=None, description="calibration file or 'auto' (aligned merging); unset: the paper's merge")
     kv_window: int = Field(default=256, description="recent tokens kept exact")
@@ -43,7 +44,14 @@ class MiniCacheConfigFileSettings(ServerSettings):
 
 
 def merge_config(s: MiniCacheModelSettings) -> Union[MergeConfig, bool]:
-    """The MergeConfig of a model entry (False: merging off); ConfigError names a bad value."""
+    """The MergeConfig of a model entry (False: merging off); ConfigError names a bad value.
+    kv_merge unset: on, aligned, when `calibration="auto"` has already made a calibration for the model."""
+    if s.kv_merge is None and s.kv_calibration is None and s.model and os.path.isfile(s.model):
+        from .calibration import DEFAULT_MAX_KLD, ModelInfo, auto_calibration_path
+
+        p = auto_calibration_path(ModelInfo.of(s.model).sha256, "head", 0.6, 0.05, 256, DEFAULT_MAX_KLD)
+        if p.is_file() and (s.kv_window, s.kv_gamma, s.kv_t) == (256, 0.05, 0.6):
+            return MergeConfig(calibration=str(p))
     if not s.kv_merge:
         return False
     return MergeConfig(window=s.kv_window, gamma=s.kv_gamma, t=s.kv_t, start_layer=s.kv_start_layer,
