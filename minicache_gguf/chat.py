@@ -184,7 +184,23 @@ def read_message(prompt: str, inp=input) -> str:
     return line
 
 
+def keep_sigint_on_main_thread(llm) -> None:
+    """llama.cpp's worker threads inherit the signal mask of the thread that starts them. If SIGINT
+    can land on a worker, Ctrl-C at the prompt would not interrupt the main thread's blocking read
+    (seen as a flaky hang). So the workers are started (a short batch, then reset) with SIGINT
+    blocked, and only the main thread takes it afterwards."""
+    if not hasattr(signal, "pthread_sigmask") or not _main_thread():
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        llm.eval(llm.tokenize(b"Hello there, friend.", add_bos=True))
+        llm.reset()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def repl(sess: Session, model_path, out=sys.stdout, err=sys.stderr) -> int:
+    keep_sigint_on_main_thread(sess.llm)
     print(banner(sess, model_path), file=out)
     while True:
         try:

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -58,6 +59,8 @@ def test_chat_repl_in_a_terminal(cal_file):
     c.expect("max_tokens 400")
     c.sendline("/nonsense")
     c.expect("Unknown command")
+    c.expect(">>> ")
+    time.sleep(0.5)             # let input() start reading
     c.sendcontrol("c")          # Ctrl-C at the prompt does not exit
     c.expect("Use Ctrl \\+ d or /bye to exit")
     c.sendcontrol("d")          # Ctrl-D exits
