@@ -166,6 +166,13 @@ def _cmd_serve(args) -> int:
     return server.serve(sargs)
 
 
+def _ctx_list(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--ctx {text!r} is not valid: expected comma-separated integers, e.g. 1024,4096") from None
+
+
 def _auto_calibrations(args, model, forms, window=256) -> dict:
     from . import calibration
 
@@ -187,10 +194,7 @@ def _auto_calibrations(args, model, forms, window=256) -> dict:
 def _cmd_bench(args) -> int:
     from . import bench
 
-    try:
-        ctxs = [int(c) for c in args.ctx.split(",")]
-    except ValueError:
-        raise ValueError(f"--ctx {args.ctx!r} is not valid: expected comma-separated integers, e.g. 1024,4096") from None
+    ctxs = _ctx_list(args.ctx)
     names = args.modes.split(",") if args.modes else None
     bench.modes({"head": None, "full": None}, names)  # validates the names before any work
     model = _model(args)
@@ -232,10 +236,7 @@ def _cmd_calibrate(args) -> int:
 def _cmd_eval(args) -> int:
     from . import calibration, evaluate
 
-    try:
-        ctxs = [int(c) for c in args.ctx.split(",")]
-    except ValueError:
-        raise ValueError(f"--ctx {args.ctx!r} is not valid: expected comma-separated integers, e.g. 512,4096") from None
+    ctxs = _ctx_list(args.ctx)
     names = args.rows.split(",") if args.rows else None
     forms = [f for f in ("head", "full") if getattr(args, f"calibration_{f}") != "none"]
     evaluate.default_rows(args.window, {f: None for f in forms}, names, t=args.t, gamma=args.gamma)  # validates first
