@@ -200,6 +200,10 @@ def keep_sigint_on_main_thread(llm) -> None:
 
 
 def repl(sess: Session, model_path, out=sys.stdout, err=sys.stderr) -> int:
+    if _main_thread():
+        # an interactive session takes Ctrl-C even when started with SIGINT ignored (a background
+        # job of a non-interactive shell inherits SIG_IGN, which Python then keeps)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     keep_sigint_on_main_thread(sess.llm)
     print(banner(sess, model_path), file=out)
     while True:
