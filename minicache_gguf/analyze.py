@@ -3,13 +3,11 @@ for the user's own model), raw and after the calibrated alignment, on held-out t
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from . import calibration, corpus
+from . import calibration, corpus, report
 
 
 def analyze(model_path, *, tokens: int = 2048, text: str | None = None, progress: bool = True) -> dict:
@@ -73,12 +71,7 @@ def to_markdown(res: dict) -> str:
 
 
 def plot(res: dict, path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = report.figure(1, 2, figsize=(11, 4), sharey=True)
     for ax, kind in zip(axes, "kv"):
         rs = [r for r in res["pairs"] if r["kind"] == kind]
         x = [r["pair"][1] for r in rs]
@@ -92,16 +85,8 @@ def plot(res: dict, path) -> Path:
     axes[0].set_ylabel("mean cosine similarity (held-out tokens)")
     axes[0].legend(loc="lower left", fontsize=8)
     fig.suptitle(f"{res['model']['name']}: adjacent-layer KV similarity")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save(fig, path)
 
 
 def write(res: dict, out_dir) -> list[Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "analyze.md").write_text(to_markdown(res))
-    (out / "analyze.json").write_text(json.dumps(res, indent=1))
-    return [out / "analyze.md", out / "analyze.json", plot(res, out / "analyze.png")]
+    return report.write(out_dir, "analyze", to_markdown(res), res, lambda p: plot(res, p))

@@ -8,14 +8,13 @@ allocating real contexts)."""
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 from typing import Optional
 
-from . import calibration, corpus
+from . import calibration, corpus, report
 from .config import MergeConfig
 
 
@@ -34,19 +33,24 @@ def modes(cal_files: dict, names=None) -> dict:
     return out
 
 
+def prefill_decode(llm, toks, n_prefill: int, n_decode: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s): toks[:n_prefill] in batches, then n_decode tokens one at a time."""
+    t0 = time.perf_counter()
+    llm.eval(toks[:n_prefill])
+    t1 = time.perf_counter()
+    for t in toks[n_prefill:n_prefill + n_decode]:
+        llm.eval([t])
+    t2 = time.perf_counter()
+    return n_prefill / (t1 - t0), n_decode / (t2 - t1)
+
+
 def _one(model, kw, n_ctx, toks, n_decode, threads):
     from .llama import Llama
 
     llm = Llama(model, n_ctx=n_ctx, flash_attn=True, n_threads=threads, n_threads_batch=threads, verbose=False, **kw)
     try:
-        n_prefill = n_ctx - n_decode - 8
-        t0 = time.perf_counter()
-        llm.eval(toks[:n_prefill])
-        t1 = time.perf_counter()
-        for t in toks[n_prefill:n_prefill + n_decode]:
-            llm.eval([t])
-        t2 = time.perf_counter()
-        return n_prefill / (t1 - t0), n_decode / (t2 - t1), llm.kv_stats().kv_bytes
+        p, d = prefill_decode(llm, toks, n_ctx - n_decode - 8, n_decode)
+        return p, d, llm.kv_stats().kv_bytes
     finally:
         llm.close()
 
@@ -144,13 +148,8 @@ def to_markdown(r: dict) -> str:
 
 
 def plot(r: dict, path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ctxs = r["settings"]["ctx"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = report.figure(1, 3, figsize=(14, 4))
     for m, d in r["modes"].items():
         ys = [d["by_ctx"][str(c)] for c in ctxs]
         axes[0].plot(ctxs, [y["kv_bytes"] / (1 << 20) for y in ys], "o-", label=m)
@@ -163,16 +162,8 @@ def plot(r: dict, path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(r["model"]["name"])
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save(fig, path)
 
 
 def write(r: dict, out_dir) -> list[Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.md").write_text(to_markdown(r))
-    (out / "bench.json").write_text(json.dumps(r, indent=1))
-    return [out / "bench.md", out / "bench.json", plot(r, out / "bench.png")]
+    return report.write(out_dir, "bench", to_markdown(r), r, lambda p: plot(r, p))

@@ -57,8 +57,6 @@ class CalibrationError(ValueError):
 
 def model_sha256(path) -> str:
     """sha256 of a model file, cached by (path, size, mtime) so big models are hashed once."""
-    from .model import GGUF_SHA256, GGUF_SIZE
-
     p = Path(path).resolve()
     st = p.stat()
     index = cache_dir() / "model-sha256.json"
@@ -71,8 +69,6 @@ def model_sha256(path) -> str:
         return known[key]
     digest = sha256_file(p)
     known[key] = digest
-    if st.st_size == GGUF_SIZE and digest == GGUF_SHA256:
-        pass  # the default model: nothing special, the digest is right either way
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
         tmp = index.with_suffix(".tmp")
@@ -183,14 +179,15 @@ def simulate_merge(st: kvstate.SeqState, pairs: list[PairSpec], t: float, gamma:
     """A copy of a stock KV state in which the cells older than the window of each listed
     (pair, kind) hold what the merged engine restores: dir * norm (* R^T), the most distinct
     gamma fraction kept exact."""
-    out = kvstate.SeqState(st.seq_id, st.pos, st.seq_ids, st.v_trans,
-                           [k.copy() for k in st.k], [v.copy() for v in st.v])
+    # the untouched layers are shared with st (calibration simulates ~100 selections per run)
+    out = kvstate.SeqState(st.seq_id, st.pos, st.seq_ids, st.v_trans, list(st.k), list(st.v))
     n_m = max(0, st.n_cells - window)
     if n_m == 0:
         return out
     for q in pairs:
         rows = out.k if q.kind == "k" else out.v
         a, b = q.layer, q.layer + 1
+        rows[a], rows[b] = rows[a].copy(), rows[b].copy()
         rot = full_matrix(q.form, q.r)
         x0, x1 = rows[a][:n_m], rows[b][:n_m]
         m = reference.merge(x0, x1, t, rot=rot, out_dtype=rows[a].dtype)

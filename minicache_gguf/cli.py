@@ -166,6 +166,14 @@ def _cmd_serve(args) -> int:
     return server.serve(sargs)
 
 
+def _emit(markdown: str, output, write) -> None:
+    """Print a command's markdown; with -o, write its files (write(out_dir) -> paths) and name them."""
+    print(markdown)
+    if output:
+        for f in write(output):
+            print(f"wrote {f}", file=sys.stderr)
+
+
 def _ctx_list(text: str) -> list[int]:
     try:
         return [int(c) for c in text.split(",")]
@@ -202,10 +210,7 @@ def _cmd_bench(args) -> int:
     mode_kw = bench.modes(_auto_calibrations(args, model, forms), names)
     res = bench.run(model, ctxs=ctxs, mode_kw=mode_kw, n_decode=args.decode, reps=args.reps,
                     budget_mib=args.budget_mib, threads=args.threads, progress=not args.no_progress)
-    print(bench.to_markdown(res))
-    if args.output:
-        for f in bench.write(res, args.output):
-            print(f"wrote {f}", file=sys.stderr)
+    _emit(bench.to_markdown(res), args.output, lambda d: bench.write(res, d))
     return 0
 
 
@@ -213,10 +218,7 @@ def _cmd_analyze(args) -> int:
     from . import analyze
 
     res = analyze.analyze(_model(args), tokens=args.tokens, text=_text(args), progress=not args.no_progress)
-    print(analyze.to_markdown(res))
-    if args.output:
-        for f in analyze.write(res, args.output):
-            print(f"wrote {f}", file=sys.stderr)
+    _emit(analyze.to_markdown(res), args.output, lambda d: analyze.write(res, d))
     return 0
 
 
@@ -234,7 +236,7 @@ def _cmd_calibrate(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from . import calibration, evaluate
+    from . import evaluate
 
     ctxs = _ctx_list(args.ctx)
     names = args.rows.split(",") if args.rows else None
@@ -248,10 +250,7 @@ def _cmd_eval(args) -> int:
     res = evaluate.run(model, ctxs=ctxs, chunks=args.chunks, rows=rows, text=text, passkey_ctx=args.passkey_ctx,
                        passkey_trials=args.passkey_trials, n_ubatch=args.n_ubatch, threads=args.threads,
                        progress=not args.no_progress)
-    print(evaluate.to_markdown(res))
-    if args.output:
-        for f in evaluate.write(res, args.output):
-            print(f"wrote {f}", file=sys.stderr)
+    _emit(evaluate.to_markdown(res), args.output, lambda d: evaluate.write(res, d))
     return 0
 
 

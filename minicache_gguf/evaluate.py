@@ -12,19 +12,16 @@ rotations included).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from . import calibration, corpus
+from . import calibration, corpus, report
 from .config import MergeConfig
 
 DEFAULT_CTX = (512, 1024, 2048, 4096, 8192)
@@ -222,13 +219,8 @@ def to_markdown(res: Result) -> str:
 
 
 def plot(res: Result, path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     c = str(max(res.settings["ctx"]))
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = report.figure(figsize=(7.5, 5))
     for r in res.rows:
         x, y = r["kv_bytes_per_token"][c], max(r["quality"][c]["kld_mean"], 1e-5)
         marker = "s" if r["name"] in STOCK_TYPES else ("o" if r["name"].startswith("aligned") else "^")
@@ -239,16 +231,9 @@ def plot(res: Result, path) -> Path:
     ax.set_ylabel("KLD vs full f16 cache (nats/token, mean)")
     ax.set_title(f"{res.model['name']}: quality vs KV memory at context {c}")
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save(fig, path)
 
 
 def write(res: Result, out_dir) -> list[Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.md").write_text(to_markdown(res))
-    (out / "eval.json").write_text(json.dumps({"model": res.model, "settings": res.settings, "rows": res.rows}, indent=1))
-    return [out / "eval.md", out / "eval.json", plot(res, out / "eval.png")]
+    data = {"model": res.model, "settings": res.settings, "rows": res.rows}
+    return report.write(out_dir, "eval", to_markdown(res), data, lambda p: plot(res, p))

@@ -16,12 +16,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minicache_gguf import Llama, MergeConfig, default_model_path  # noqa: E402
+from minicache_gguf.bench import prefill_decode  # noqa: E402
 
 
 def corpus_tokens(llm, n: int) -> list[int]:
@@ -37,15 +37,10 @@ def corpus_tokens(llm, n: int) -> list[int]:
 def run_once(model, kv_merge, n_ctx, toks, n_prefill, n_decode, n_threads, flash_attn):
     llm = Llama(model, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=n_threads, flash_attn=flash_attn,
                 verbose=False, kv_merge=kv_merge)
-    t0 = time.perf_counter()
-    llm.eval(toks[:n_prefill])
-    t1 = time.perf_counter()
-    for tok in toks[n_prefill:n_prefill + n_decode]:
-        llm.eval([tok])
-    t2 = time.perf_counter()
+    prefill, decode = prefill_decode(llm, toks, n_prefill, n_decode)
     stats = llm.kv_stats()
     llm.close()
-    return n_prefill / (t1 - t0), n_decode / (t2 - t1), stats
+    return prefill, decode, stats
 
 
 def main() -> None:
