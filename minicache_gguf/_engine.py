@@ -90,6 +90,18 @@ def patch_series(root: Path | None = None) -> list[Path]:
     return sorted((root / "patches" / "llama.cpp").glob("*.patch"))
 
 
+#: the engine's new llama.cpp files live as real sources here (overlaid at build time)
+OVERLAY_DIRS = ("include", "src")
+
+
+def overlay_files(root: Path | None = None) -> list[tuple[str, Path]]:
+    """(path inside llama.cpp, source path) of every new file the patched engine adds to llama.cpp."""
+    root = root or repo_root()
+    base = root / "patches" / "llama.cpp"
+    return [(p.relative_to(base).as_posix(), p) for d in OVERLAY_DIRS
+            for p in sorted((base / d).rglob("*")) if p.is_file()]
+
+
 def engine_key(variant: str, cuda: bool = False, root: Path | None = None) -> str:
     h = hashlib.sha256()
     h.update(f"{UPSTREAM_NAME}=={UPSTREAM_VERSION} {UPSTREAM_SDIST_SHA256}\n".encode())

@@ -4,10 +4,12 @@
     python scripts/build_engine.py                 # patched engine (libllama + MiniCache core)
     python scripts/build_engine.py --stock         # unpatched reference, same flags
     python scripts/build_engine.py --sdist-path    # fetch + verify the upstream sdist, print its path
+    python scripts/build_engine.py --export-series OUT.patch   # the whole change as one diff, for review
 
 Steps: fetch the pinned llama-cpp-python sdist with pip and verify its sha256; extract its
-vendored llama.cpp; apply patches/llama.cpp/*.patch in order (a patch that does not apply stops
-the build, naming it); build once with GGML_NATIVE=OFF through the top-level CMakeLists.txt;
+vendored llama.cpp; overlay the engine's new files (patches/llama.cpp/include/, src/: real sources,
+new to llama.cpp) and apply patches/llama.cpp/*.patch in order (edits to existing llama.cpp files
+only; a patch that does not apply stops the build, naming it); build once with GGML_NATIVE=OFF through the top-level CMakeLists.txt;
 install libllama.so + libggml*.so into <cache>/engine/<key>/lib. The key hashes every input
 (upstream, patches, native sources, flags): an unchanged tree is a no-op, a changed one rebuilds.
 The source and build trees per variant are kept and updated by content, so a rebuild after a
@@ -93,6 +95,18 @@ def extract_llama_cpp(sdist: Path, dest: Path) -> None:
         tf.extractall(dest, members=members, filter="data")
 
 
+def overlay_new_files(tree: Path) -> None:
+    """Copy the engine's new files (not in upstream llama.cpp) into the tree; refuse to overwrite
+    an upstream file: edits to existing files belong in a .patch."""
+    for rel, path in E.overlay_files(ROOT):
+        dest = tree / rel
+        if dest.exists():
+            die(f"patches/llama.cpp/{rel} would overwrite llama.cpp's own {rel}: "
+                f"edits to existing llama.cpp files belong in a numbered .patch")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+
+
 def apply_patches(tree: Path, patches: list[Path]) -> None:
     for p in patches:
         args = ["patch", "-p1", "--forward", "--batch", "--fuzz=0", "--no-backup-if-mismatch",
@@ -156,6 +170,7 @@ def prepare_source(variant: str, cuda: bool, sdist: Path) -> Path:
         want = Path(tmp)
         extract_llama_cpp(sdist, want / "llama.cpp")
         if variant == "patched":
+            overlay_new_files(want / "llama.cpp")
             apply_patches(want / "llama.cpp", E.patch_series(ROOT))
             shutil.copytree(ROOT / "native", want / "native",
                             ignore=shutil.ignore_patterns("__pycache__", "*.o", "*.so"))
@@ -212,6 +227,22 @@ def check_libs(lib: Path, variant: str) -> None:
         die("patched libllama does not export minicache_version: native core not linked")
     if variant == "stock" and has_core:
         die("stock libllama exports minicache_version: the stock build is not stock")
+
+
+def export_series(out: Path) -> None:
+    """One `diff -ruN` of upstream llama.cpp vs the patched tree (the form an upstream PR takes)."""
+    sdist = fetch_sdist()
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = Path(tmp) / "a", Path(tmp) / "b"
+        extract_llama_cpp(sdist, a)
+        extract_llama_cpp(sdist, b)
+        overlay_new_files(b)
+        apply_patches(b, E.patch_series(ROOT))
+        r = subprocess.run(["diff", "-ruN", "a", "b"], cwd=tmp, capture_output=True, text=True)
+        if r.returncode not in (0, 1):
+            die(f"diff failed: {r.stderr}")
+        out.write_text(r.stdout)
+    say(f"wrote {out} ({r.stdout.count(chr(10))} lines)")
 
 
 KEEP_BUILDS = 3
@@ -276,6 +307,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs")
     ap.add_argument("--force", action="store_true", help="rebuild even if the engine is up to date")
     ap.add_argument("--sdist-path", action="store_true", help="fetch/verify the upstream sdist and print its path")
+    ap.add_argument("--export-series", metavar="OUT", help="write the whole engine change (new files + patches) "
+                    "as one unified diff against upstream llama.cpp, for a reviewer")
     a = ap.parse_args()
     if a.jobs < 1:
         die(f"--jobs {a.jobs} is not valid: expected a positive integer")
@@ -284,6 +317,9 @@ def main() -> None:
             die(f"'{tool}' not found on PATH: run scripts/setup.sh (it installs the build tools)")
     if a.sdist_path:
         print(fetch_sdist())
+        return
+    if a.export_series:
+        export_series(Path(a.export_series))
         return
     build("stock" if a.stock else "patched", a.cuda, a.jobs, a.force)
 

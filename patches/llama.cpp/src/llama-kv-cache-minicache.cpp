@@ -1,0 +1,1606 @@
+#include "llama-kv-cache-minicache.h"
+
+#include "llama-context.h"
+#include "llama-hparams.h"
+#include "llama-impl.h"
+#include "llama-io.h"
+#include "llama-kv-cache.h"
+#include "llama-kv-cells.h"
+#include "llama-model.h"
+
+#include "ggml-backend.h"
+
+#ifdef LLAMA_MINICACHE
+#include "minicache.h"
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+//
+// the params armed for the next context on this thread
+//
+
+static thread_local bool                     g_pending_set = false;
+static thread_local llama_minicache_config   g_pending;
+static thread_local std::string              g_last_error;
+// set by llama_minicache_memory_scope::arm() for the one llama_kv_cache create_memory() builds next
+static thread_local llama_minicache_config * g_armed = nullptr;
+static thread_local bool                     g_armed_taken = false;
+
+static std::string check_params(const llama_minicache_params & p) {
+    if (!(p.t >= 0.0f && p.t <= 1.0f)) {
+        return format("t=%g is not valid: expected a number in [0, 1]", p.t);
+    }
+    if (!(p.gamma >= 0.0f && p.gamma <= 1.0f)) {
+        return format("gamma=%g is not valid: expected a number in [0, 1]", p.gamma);
+    }
+    if (p.window < 1) {
+        return format("window=%d is not valid: expected an integer >= 1", p.window);
+    }
+    if (p.n_ubatch < 1) {
+        return format("n_ubatch=%d is not valid: expected an integer >= 1", p.n_ubatch);
+    }
+    if (!p.merge_k && !p.merge_v) {
+        return "merge_k and merge_v are both false: nothing to merge";
+    }
+    if (p.retention != LLAMA_MINICACHE_RETAIN_TOPK && p.retention != LLAMA_MINICACHE_RETAIN_THRESHOLD) {
+        return format("retention=%d is not valid: expected 0 (topk) or 1 (threshold)", p.retention);
+    }
+    if (p.start_layer < -1) {
+        return format("start_layer=%d is not valid: expected -1 (n_layer/2) or a layer index", p.start_layer);
+    }
+    if (p.n_pairs < 0 || (p.n_pairs > 0 && p.pairs == nullptr)) {
+        return format("n_pairs=%d is not valid: expected 0, or the number of entries of pairs (not NULL)", p.n_pairs);
+    }
+    for (int32_t i = 0; i < p.n_pairs; ++i) {
+        const llama_minicache_pair & q = p.pairs[i];
+        if (q.kind != 0 && q.kind != 1) {
+            return format("pairs[%d].kind=%d is not valid: expected 0 (K) or 1 (V)", i, q.kind);
+        }
+        if (q.il < 0) {
+            return format("pairs[%d].il=%d is not valid: expected a layer index >= 0", i, q.il);
+        }
+        if (q.rot != LLAMA_MINICACHE_ROT_NONE && q.rot != LLAMA_MINICACHE_ROT_FULL && q.rot != LLAMA_MINICACHE_ROT_HEAD) {
+            return format("pairs[%d].rot=%d is not valid: expected 0 (none), 1 (full) or 2 (per head)", i, q.rot);
+        }
+        if ((q.rot == LLAMA_MINICACHE_ROT_NONE) != (q.r == nullptr || q.n_r == 0) || q.n_r < 0) {
+            return format("pairs[%d]: rot=%d with n_r=%d and r %s: a rotation needs its matrix, ROT_NONE none",
+                    i, q.rot, q.n_r, q.r ? "set" : "NULL");
+        }
+        for (int32_t j = 0; j < q.n_r; ++j) {
+            if (!std::isfinite(q.r[j])) {
+                return format("pairs[%d]: the rotation holds a non-finite value at %d", i, j);
+            }
+        }
+    }
+    return "";
+}
+
+static uint64_t fnv1a(const void * data, size_t n, uint64_t h = 0xcbf29ce484222325ull) {
+    const uint8_t * b = (const uint8_t *) data;
+    for (size_t i = 0; i < n; ++i) {
+        h = (h ^ b[i])*0x100000001b3ull;
+    }
+    return h;
+}
+
+llama_minicache_memory_scope::llama_minicache_memory_scope() {
+    if (g_pending_set) {
+        pending = true;
+        config  = std::move(g_pending);
+        g_pending = {};
+        g_pending_set = false;
+    }
+}
+
+llama_minicache_memory_scope::~llama_minicache_memory_scope() {
+    if (g_armed == &config) {
+        g_armed = nullptr;
+    }
+}
+
+void llama_minicache_memory_scope::arm() {
+    if (pending) {
+        g_armed       = &config;
+        g_armed_taken = false;
+    }
+}
+
+llama_memory_i * llama_minicache_memory_scope::finish(llama_memory_i * mem) {
+    const bool taken = g_armed == &config && g_armed_taken;
+    if (g_armed == &config) {
+        g_armed = nullptr;
+    }
+    if (pending && !taken) {
+        delete mem;
+        const std::string msg = "this model's memory is not a plain KV cache (recurrent, hybrid, sliding-window, "
+                                "shared or sparse-attention memory): MiniCache cannot merge it";
+        llama_minicache_set_error(msg);
+        throw std::runtime_error("MiniCache: " + msg);
+    }
+    return mem;
+}
+
+// the params armed for the llama_kv_cache being constructed (nullptr if none); consumes them
+static const llama_minicache_config * take_armed() {
+    if (g_armed == nullptr || g_armed_taken) {
+        return nullptr;
+    }
+    g_armed_taken = true;
+    return g_armed;
+}
+
+void llama_minicache_set_error(const std::string & msg) {
+    g_last_error = msg;
+}
+
+//
+// native core calls (the core is linked by LLAMA_MINICACHE_DIR, see src/CMakeLists.txt)
+//
+
+#ifdef LLAMA_MINICACHE
+static int32_t mc_type(ggml_type type) {
+    return type == GGML_TYPE_F16 ? MINICACHE_TYPE_F16 : MINICACHE_TYPE_F32;
+}
+#endif
+
+// merge n rows of two layers (contiguous, cache type) into dir, norms and distances
+static void mc_merge(ggml_type type, const void * x0, const void * x1, int64_t n, int64_t n_embd, float t, const float * rot,
+        void * dir, float * norm0, float * norm1, float * dist) {
+#ifdef LLAMA_MINICACHE
+    const int64_t es = ggml_type_size(type);
+    const minicache_view v0 = { const_cast<void *>(x0), mc_type(type), es, es*n_embd };
+    const minicache_view v1 = { const_cast<void *>(x1), mc_type(type), es, es*n_embd };
+    const minicache_view vd = { dir,                    mc_type(type), es, es*n_embd };
+    const int32_t rc = minicache_merge(&v0, &v1, n, n_embd, t, rot, &vd, norm0, norm1, dist);
+    if (rc != MINICACHE_OK) {
+        throw std::runtime_error(format("minicache_merge failed: %s", minicache_status_str(rc)));
+    }
+#else
+    GGML_UNUSED(type); GGML_UNUSED(x0); GGML_UNUSED(x1); GGML_UNUSED(n); GGML_UNUSED(n_embd); GGML_UNUSED(t); GGML_UNUSED(rot);
+    GGML_UNUSED(dir); GGML_UNUSED(norm0); GGML_UNUSED(norm1); GGML_UNUSED(dist);
+    throw std::runtime_error("this libllama was built without the MiniCache core (LLAMA_MINICACHE_DIR)");
+#endif
+}
+
+// one restored row: the cache type's rounding of dir * norm (* rot^T)
+static void mc_restore_row(ggml_type type, const void * dir, float norm, int64_t n_embd, const float * rot, float * out) {
+#ifdef LLAMA_MINICACHE
+    const int64_t es = ggml_type_size(type);
+    std::vector<uint8_t> tmp(es*n_embd);
+    const minicache_view vd = { const_cast<void *>(dir), mc_type(type), es, es*n_embd };
+    const minicache_view vo = { tmp.data(),              mc_type(type), es, es*n_embd };
+    if (minicache_restore(&vd, &norm, 1, n_embd, rot, &vo) != MINICACHE_OK) {
+        throw std::runtime_error("minicache_restore failed");
+    }
+    if (type == GGML_TYPE_F16) {
+        minicache_fp16_to_fp32_row((const uint16_t *) tmp.data(), out, n_embd);
+    } else {
+        memcpy(out, tmp.data(), sizeof(float)*n_embd);
+    }
+#else
+    GGML_UNUSED(type); GGML_UNUSED(dir); GGML_UNUSED(norm); GGML_UNUSED(n_embd); GGML_UNUSED(rot); GGML_UNUSED(out);
+    throw std::runtime_error("this libllama was built without the MiniCache core (LLAMA_MINICACHE_DIR)");
+#endif
+}
+
+static uint32_t mc_retain_count(uint32_t n, float gamma) {
+#ifdef LLAMA_MINICACHE
+    return (uint32_t) minicache_retain_count(n, gamma);
+#else
+    return (uint32_t) std::min<double>(n, std::ceil((double) gamma*n - 1e-7*n));
+#endif
+}
+
+static void row_to_f32(ggml_type type, const void * src, int64_t n, float * dst) {
+    if (type == GGML_TYPE_F16) {
+        ggml_fp16_to_fp32_row((const ggml_fp16_t *) src, dst, n);
+    } else {
+        memcpy(dst, src, sizeof(float)*n);
+    }
+}
+
+//
+// llama_kv_minicache
+//
+
+llama_kv_minicache::llama_kv_minicache(
+        const llama_hparams & hparams,
+        const llama_minicache_config & config,
+        ggml_type type_k,
+        ggml_type type_v,
+        uint32_t kv_size,
+        bool v_trans) :
+    hparams(hparams), params(config.params), specs(config.pairs), type_k(type_k), type_v(type_v), kv_size(kv_size), v_trans(v_trans) {
+    const std::string err = check_params(params);
+    if (!err.empty()) {
+        throw std::runtime_error(err);
+    }
+
+    const int32_t n_layer = (int32_t) hparams.n_layer();
+
+    if (hparams.swa_type != LLAMA_SWA_TYPE_NONE || hparams.is_swa_any()) {
+        throw std::runtime_error("models with sliding-window attention (iSWA caches, e.g. Gemma 3) are not supported yet");
+    }
+    if (hparams.is_mla()) {
+        throw std::runtime_error("models with multi-head latent attention (MLA) are not supported");
+    }
+
+    // the merged (pair, kind) list: explicit, or every pair from start_layer up in the kinds asked for
+    std::vector<llama_minicache_pair_spec> todo = specs;
+    if (todo.empty()) {
+        const int32_t s0 = params.start_layer < 0 ? n_layer/2 : params.start_layer;
+        if (n_layer < 2 || s0 > n_layer - 2) {
+            throw std::runtime_error(format("start_layer=%d is not valid for this model (%d layers): expected 0 <= start_layer <= %d",
+                    s0, n_layer, n_layer - 2));
+        }
+        for (int32_t a = s0; a + 1 < n_layer; a += 2) {
+            for (int kind = 0; kind < 2; ++kind) {
+                if (kind == KIND_K ? params.merge_k : params.merge_v) {
+                    todo.push_back({ kind, a, LLAMA_MINICACHE_ROT_NONE, {} });
+                }
+            }
+        }
+    }
+
+    for (const auto & q : todo) {
+        const char kc = q.kind == KIND_K ? 'K' : 'V';
+        const ggml_type type = type_of(q.kind);
+        if (type != GGML_TYPE_F16 && type != GGML_TYPE_F32) {
+            throw std::runtime_error(format("type_%c=%s is not supported when merging %c: use f16 or f32",
+                    q.kind == KIND_K ? 'k' : 'v', ggml_type_name(type), kc));
+        }
+    }
+
+    // a ubatch never holds more tokens than the cache has cells
+    n_stage      = std::min<uint32_t>(std::max(params.window, params.n_ubatch), kv_size);
+    n_retain_max = std::min<uint32_t>(mc_retain_count(kv_size, params.gamma), kv_size);
+    n_slots      = n_stage + n_retain_max;
+
+    // the rows past the slots stay zero: cells without a slot gather row n_slots. the row count is
+    // padded like llama.cpp pads n_kv, which keeps the CPU matrix kernels on shapes they are used to
+    n_rows       = GGML_PAD(n_slots + 1, 256);
+
+    pool_of.assign(2*n_layer, -1);
+
+    std::vector<uint8_t> pair_used(n_layer, 0);
+    start_layer = n_layer;
+
+    for (const auto & q : todo) {
+        const int kind = q.kind;
+        const char kc  = kind == KIND_K ? 'K' : 'V';
+        const int32_t a = q.il;
+        const int32_t b = a + 1;
+        if (b >= n_layer) {
+            throw std::runtime_error(format("%c pair (%d, %d) is not valid for this model (%d layers): expected 0 <= layer <= %d",
+                    kc, a, b, n_layer, n_layer - 2));
+        }
+        if (pool_of[2*a + kind] >= 0 || pool_of[2*b + kind] >= 0) {
+            throw std::runtime_error(format("%c pair (%d, %d) overlaps another %c pair: each layer is merged at most once per kind",
+                    kc, a, b, kc));
+        }
+        if (!hparams.has_kv(a) || !hparams.has_kv(b)) {
+            throw std::runtime_error(format("layers %d and %d do not both have a KV cache: cannot merge them", a, b));
+        }
+        const uint32_t ne_a = kind == KIND_K ? hparams.n_embd_k_gqa(a) : hparams.n_embd_v_gqa(a);
+        const uint32_t ne_b = kind == KIND_K ? hparams.n_embd_k_gqa(b) : hparams.n_embd_v_gqa(b);
+        const uint32_t nh_a = kind == KIND_K ? hparams.n_embd_head_k(a) : hparams.n_embd_head_v(a);
+        const uint32_t nh_b = kind == KIND_K ? hparams.n_embd_head_k(b) : hparams.n_embd_head_v(b);
+        if (ne_a != ne_b || nh_a != nh_b) {
+            throw std::runtime_error(format("layers %d and %d have different %c widths (%u, %u): cannot merge them",
+                    a, b, kc, ne_a, ne_b));
+        }
+
+        pool p;
+        p.kind        = kind;
+        p.il[0]       = a;
+        p.il[1]       = b;
+        p.n_embd      = ne_a;
+        p.n_embd_head = nh_a;
+        p.n_head_kv   = ne_a/nh_a;
+        p.rot         = q.rot;
+
+        if (q.rot != LLAMA_MINICACHE_ROT_NONE) {
+            const uint32_t d  = p.n_embd;
+            const uint32_t dh = p.n_embd_head;
+            const size_t   n_expected = q.rot == LLAMA_MINICACHE_ROT_FULL ? (size_t) d*d : (size_t) d*dh;
+            if (q.r.size() != n_expected) {
+                throw std::runtime_error(format("%c pair (%d, %d): the rotation holds %zu values, expected %zu (%s, %c rows of %u = %u heads x %u)",
+                        kc, a, b, q.r.size(), n_expected, q.rot == LLAMA_MINICACHE_ROT_FULL ? "full" : "per head", kc, d, p.n_head_kv, dh));
+            }
+            // the full matrix (block diagonal for ROT_HEAD), for the host merge
+            p.r_full.assign((size_t) d*d, 0.0f);
+            if (q.rot == LLAMA_MINICACHE_ROT_FULL) {
+                p.r_full = q.r;
+            } else {
+                for (uint32_t h = 0; h < p.n_head_kv; ++h) {
+                    for (uint32_t i = 0; i < dh; ++i) {
+                        for (uint32_t j = 0; j < dh; ++j) {
+                            p.r_full[(size_t) (h*dh + i)*d + h*dh + j] = q.r[(size_t) h*dh*dh + i*dh + j];
+                        }
+                    }
+                }
+            }
+            // orthogonal: R R^T = I
+            double err_max = 0.0;
+            for (uint32_t i = 0; i < d; ++i) {
+                for (uint32_t j = 0; j < d; ++j) {
+                    double acc = 0.0;
+                    for (uint32_t k = 0; k < d; ++k) {
+                        acc += (double) p.r_full[(size_t) i*d + k]*p.r_full[(size_t) j*d + k];
+                    }
+                    err_max = std::max(err_max, std::fabs(acc - (i == j ? 1.0 : 0.0)));
+                }
+            }
+            if (err_max > 1e-3) {
+                throw std::runtime_error(format("%c pair (%d, %d): the rotation is not orthogonal (max |R R^T - I| = %.3g, expected <= 1e-3)",
+                        kc, a, b, err_max));
+            }
+            p.r_hash = fnv1a(q.r.data(), q.r.size()*sizeof(float), fnv1a(&q.rot, sizeof(q.rot)));
+        }
+
+        p.slot_of_cell.assign(kv_size, -1);
+        p.cell_of_slot.assign(n_slots, -1);
+        p.dist.assign(kv_size, 0.0f);
+        p.norm_host[0].assign(kv_size, 0.0f);
+        p.norm_host[1].assign(kv_size, 0.0f);
+        for (uint32_t s = 0; s < n_slots; ++s) {
+            p.free_slots.push((int32_t) s);
+        }
+
+        pool_of[2*a + kind] = pool_of[2*b + kind] = (int32_t) pools.size();
+        pools.push_back(std::move(p));
+
+        if (!pair_used[a]) {
+            pair_used[a] = 1;
+            n_pairs++;
+        }
+        start_layer = std::min(start_layer, a);
+    }
+
+    if (pools.empty()) {
+        throw std::runtime_error("no layer pair to merge");
+    }
+
+    staged.assign(kv_size, 0);
+    merged.assign(kv_size, 0);
+    stage_seq.assign(kv_size, 0);
+}
+
+bool llama_kv_minicache::is_merged(int32_t il, int kind) const {
+    if (il < 0 || (kind != KIND_K && kind != KIND_V)) {
+        return false;
+    }
+    const int64_t i = 2*(int64_t) il + kind;
+    return i < (int64_t) pool_of.size() && pool_of[i] >= 0;
+}
+
+size_t llama_kv_minicache::n_tensors() const {
+    return 6*pools.size();
+}
+
+void llama_kv_minicache::create_tensors(const std::function<ggml_context * (int32_t il)> & ctx_of_layer) {
+    for (auto & p : pools) {
+        const ggml_type type = type_of(p.kind);
+        const char kc = p.kind == KIND_K ? 'k' : 'v';
+
+        p.dir = dir_trans(p) ? ggml_new_tensor_2d(ctx_of_layer(p.il[0]), type, kv_size, p.n_embd)
+                             : ggml_new_tensor_2d(ctx_of_layer(p.il[0]), type, p.n_embd, kv_size);
+        ggml_format_name(p.dir, "cache_mc_%c_dir_l%d_%d", kc, p.il[0], p.il[1]);
+
+        for (int x = 0; x < 2; ++x) {
+            ggml_context * ctx = ctx_of_layer(p.il[x]);
+
+            p.norm[x] = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, kv_size);
+            p.rows[x] = dir_trans(p) ? ggml_new_tensor_2d(ctx, type, n_rows, p.n_embd)
+                                     : ggml_new_tensor_2d(ctx, type, p.n_embd, n_rows);
+            ggml_format_name(p.norm[x], "cache_mc_%c_norm_l%d", kc, p.il[x]);
+            ggml_format_name(p.rows[x], "cache_mc_%c_rows_l%d", kc, p.il[x]);
+        }
+
+        if (p.rot == LLAMA_MINICACHE_ROT_FULL) {
+            p.rot_t = ggml_new_tensor_2d(ctx_of_layer(p.il[0]), GGML_TYPE_F32, p.n_embd, p.n_embd);
+        } else if (p.rot == LLAMA_MINICACHE_ROT_HEAD) {
+            p.rot_t = ggml_new_tensor_3d(ctx_of_layer(p.il[0]), GGML_TYPE_F32, p.n_embd_head, p.n_embd_head, p.n_head_kv);
+        }
+        if (p.rot_t) {
+            ggml_format_name(p.rot_t, "cache_mc_%c_rot_l%d", kc, p.il[0]);
+        }
+    }
+}
+
+void llama_kv_minicache::upload_rotations() {
+    for (auto & p : pools) {
+        if (!p.rot_t || !p.rot_t->buffer || ggml_backend_buffer_get_size(p.rot_t->buffer) == 0) {
+            continue;
+        }
+        // K: the decoding fold computes q * R, which reads R by columns (element (i, j) = R[i][j] with i
+        // contiguous): R^T row-major. V: the fold computes u * R^T: R row-major as given
+        const uint32_t d  = p.n_embd;
+        const uint32_t dh = p.n_embd_head;
+        std::vector<float> buf(ggml_nelements(p.rot_t));
+        if (p.rot == LLAMA_MINICACHE_ROT_FULL) {
+            for (uint32_t i = 0; i < d; ++i) {
+                for (uint32_t j = 0; j < d; ++j) {
+                    buf[(size_t) j*d + i] = p.kind == KIND_K ? p.r_full[(size_t) i*d + j] : p.r_full[(size_t) j*d + i];
+                }
+            }
+        } else {
+            for (uint32_t h = 0; h < p.n_head_kv; ++h) {
+                for (uint32_t i = 0; i < dh; ++i) {
+                    for (uint32_t j = 0; j < dh; ++j) {
+                        const float r_ij = p.r_full[(size_t) (h*dh + i)*d + h*dh + j];
+                        const float r_ji = p.r_full[(size_t) (h*dh + j)*d + h*dh + i];
+                        buf[(size_t) h*dh*dh + j*dh + i] = p.kind == KIND_K ? r_ij : r_ji;
+                    }
+                }
+            }
+        }
+        ggml_backend_tensor_set(p.rot_t, buf.data(), 0, ggml_nbytes(p.rot_t));
+    }
+}
+
+size_t llama_kv_minicache::size_bytes(int kind) const {
+    size_t res = 0;
+    for (const auto & p : pools) {
+        if (p.kind == kind) {
+            res += ggml_nbytes(p.dir);
+            res += ggml_nbytes(p.norm[0]) + ggml_nbytes(p.norm[1]);
+            res += ggml_nbytes(p.rows[0]) + ggml_nbytes(p.rows[1]);
+            res += p.rot_t ? ggml_nbytes(p.rot_t) : 0;
+        }
+    }
+    return res;
+}
+
+size_t llama_kv_minicache::dense_bytes(int kind) const {
+    size_t res = 0;
+    for (const auto & p : pools) {
+        if (p.kind == kind) {
+            res += 2*ggml_row_size(type_of(kind), p.n_embd)*kv_size;
+        }
+    }
+    return res;
+}
+
+//
+// graph
+//
+
+void llama_kv_minicache::build_inputs(ggml_context * ctx, uint32_t n_tokens, uint32_t n_kv, llama_kv_minicache_inputs & inp) const {
+    inp.write_idxs.clear();
+    inp.gather_idxs.clear();
+    inp.slot_cells.clear();
+
+    for (size_t i = 0; i < pools.size(); ++i) {
+        ggml_tensor * w = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, dir_trans(pools[i]) ? n_tokens*pools[i].n_embd : n_tokens);
+        ggml_tensor * g = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_kv);
+        ggml_tensor * c = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
+
+        ggml_set_input(w);
+        ggml_set_input(g);
+        ggml_set_input(c);
+
+        ggml_format_name(w, "mc_inp_write_%zu",  i);
+        ggml_format_name(g, "mc_inp_gather_%zu", i);
+        ggml_format_name(c, "mc_inp_cells_%zu",  i);
+
+        inp.write_idxs.push_back(w);
+        inp.gather_idxs.push_back(g);
+        inp.slot_cells.push_back(c);
+    }
+}
+
+void llama_kv_minicache::set_inputs(const llama_kv_minicache_inputs & inp, const std::vector<uint32_t> & ubatch_cells, uint32_t n_kv) const {
+    for (size_t i = 0; i < pools.size(); ++i) {
+        const auto & p = pools[i];
+
+        if (inp.write_idxs[i]->buffer) {
+            GGML_ASSERT(ggml_backend_buffer_is_host(inp.write_idxs[i]->buffer));
+            const int64_t ne = dir_trans(p) ? p.n_embd : 1;
+            GGML_ASSERT((size_t) inp.write_idxs[i]->ne[0] == ne*ubatch_cells.size());
+            int64_t * w = (int64_t *) inp.write_idxs[i]->data;
+            for (size_t j = 0; j < ubatch_cells.size(); ++j) {
+                const int32_t slot = p.slot_of_cell[ubatch_cells[j]];
+                GGML_ASSERT(slot >= 0 && "a new token has no staging slot");
+                if (dir_trans(p)) {
+                    // element e of the token's row goes to e*n_rows + slot (transposed, as llama.cpp's V)
+                    for (int64_t e = 0; e < ne; ++e) {
+                        w[j*ne + e] = e*n_rows + slot;
+                    }
+                } else {
+                    w[j] = slot;
+                }
+            }
+        }
+
+        // each input is set only when the graph uses it (allocated)
+        if (inp.gather_idxs[i]->buffer) {
+            GGML_ASSERT(ggml_backend_buffer_is_host(inp.gather_idxs[i]->buffer));
+            GGML_ASSERT(inp.gather_idxs[i]->ne[0] == n_kv);
+            int32_t * g = (int32_t *) inp.gather_idxs[i]->data;
+            for (uint32_t c = 0; c < n_kv; ++c) {
+                const int32_t slot = p.slot_of_cell[c];
+                g[c] = slot >= 0 ? slot : (int32_t) n_slots;
+            }
+        }
+
+        if (inp.slot_cells[i]->buffer) {
+            GGML_ASSERT(ggml_backend_buffer_is_host(inp.slot_cells[i]->buffer));
+            int32_t * sc = (int32_t *) inp.slot_cells[i]->data;
+            for (uint32_t s = 0; s < n_slots; ++s) {
+                const int32_t c = p.cell_of_slot[s];
+                GGML_ASSERT(c < (int32_t) n_kv);
+                sc[s] = c >= 0 ? c : 0; // a free slot's row is zero: any cell will do
+            }
+            for (uint32_t s = n_slots; s < n_rows; ++s) {
+                sc[s] = 0; // zero rows
+            }
+        }
+    }
+}
+
+ggml_tensor * llama_kv_minicache::cpy(ggml_context * ctx, ggml_tensor * cur, int32_t il, int kind, const llama_kv_minicache_inputs & inp) const {
+    const int32_t ip = pool_of[2*il + kind];
+    const auto & p = pools[ip];
+    const int x = il == p.il[0] ? 0 : 1;
+
+    GGML_ASSERT(cur->ne[0] == p.n_embd);
+
+    if (dir_trans(p)) {
+        // one "row" per element, as llama_kv_cache::cpy_v does for its transposed V
+        if (!ggml_is_contiguous(cur)) {
+            cur = ggml_cont(ctx, cur);
+        }
+        return ggml_set_rows(ctx,
+                ggml_reshape_2d(ctx, p.rows[x], 1, ggml_nelements(p.rows[x])),
+                ggml_reshape_2d(ctx, cur, 1, ggml_nelements(cur)),
+                inp.write_idxs[ip]);
+    }
+
+    return ggml_set_rows(ctx, p.rows[x], cur, inp.write_idxs[ip]);
+}
+
+ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, uint32_t n_kv, uint32_t n_embd_head, uint32_t n_head_kv,
+        const llama_kv_minicache_inputs & inp) const {
+    const int32_t ip = pool_of[2*il + kind];
+    const auto & p = pools[ip];
+    const int x = il == p.il[0] ? 0 : 1;
+
+    GGML_ASSERT(n_embd_head*n_head_kv == p.n_embd);
+
+    // the norm tensors hold 0 for cells read from a slot (no mask arithmetic: 0 * Inf would be NaN)
+    ggml_tensor * norm = ggml_view_1d(ctx, p.norm[x], n_kv, 0);
+
+    // exact cells: their slot's row, every other cell gathers the zero row
+    ggml_tensor * rows  = dir_trans(p) ? ggml_cont(ctx, ggml_transpose(ctx, p.rows[x])) : p.rows[x];
+    ggml_tensor * exact = ggml_get_rows(ctx, rows, inp.gather_idxs[ip]);
+
+    // the rotated layer is computed in F32 and rounded to the cache type once, after R^T
+    const bool rotated = x == 0 && p.rot != LLAMA_MINICACHE_ROT_NONE;
+
+    if (dir_trans(p)) {
+        // [n_kv, n_embd]: dir * norm per cell
+        ggml_tensor * dir = ggml_view_2d(ctx, p.dir, n_kv, p.n_embd, p.dir->nb[1], 0);
+        if (rotated && dir->type != GGML_TYPE_F32) {
+            dir = ggml_cast(ctx, dir, GGML_TYPE_F32);
+        }
+        ggml_tensor * cur = ggml_mul(ctx, dir, ggml_reshape_2d(ctx, norm, n_kv, 1));
+
+        if (rotated) {
+            // rows [n_embd, n_kv] * R^T, back in the cache type
+            cur = unrotate(ctx, p, ggml_cont(ctx, ggml_transpose(ctx, cur)));
+            if (v_trans) {
+                cur = ggml_cont(ctx, ggml_transpose(ctx, cur));
+            }
+        } else if (!v_trans) {
+            cur = ggml_cont(ctx, ggml_transpose(ctx, cur));
+        }
+
+        if (!v_trans) {
+            // flash attention reads V as rows [n_embd, n_kv]
+            cur = ggml_add(ctx, cur, exact);
+
+            const size_t es = ggml_element_size(cur);
+
+            return ggml_view_4d(ctx, cur,
+                    n_embd_head, n_head_kv, n_kv, 1,
+                    es*n_embd_head,
+                    es*p.n_embd,
+                    es*p.n_embd*n_kv,
+                    0);
+        }
+
+        cur = ggml_add(ctx, cur, ggml_cont(ctx, ggml_transpose(ctx, exact)));
+
+        const size_t es = ggml_element_size(cur);
+
+        return ggml_view_4d(ctx, cur,
+                n_kv, n_head_kv, n_embd_head, 1,
+                es*n_kv*n_embd_head,
+                es*n_kv,
+                es*n_kv*p.n_embd,
+                0);
+    }
+
+    ggml_tensor * dir = ggml_view_2d(ctx, p.dir, p.n_embd, n_kv, p.dir->nb[1], 0);
+    if (rotated && dir->type != GGML_TYPE_F32) {
+        dir = ggml_cast(ctx, dir, GGML_TYPE_F32);
+    }
+    ggml_tensor * cur = ggml_mul(ctx, dir, ggml_reshape_2d(ctx, norm, 1, n_kv));
+    if (rotated) {
+        cur = unrotate(ctx, p, cur);
+    }
+    cur = ggml_add(ctx, cur, exact);
+
+    const size_t es = ggml_element_size(cur);
+
+    return ggml_view_4d(ctx, cur,
+            n_embd_head, n_head_kv, n_kv, 1,
+            es*n_embd_head,
+            es*p.n_embd,
+            es*p.n_embd*n_kv,
+            0);
+}
+
+ggml_tensor * llama_kv_minicache::unrotate(ggml_context * ctx, const pool & p, ggml_tensor * cur) const {
+    const int64_t n  = cur->ne[1];
+    const int64_t dh = p.n_embd_head;
+    const int64_t nh = p.n_head_kv;
+
+    if (cur->type != GGML_TYPE_F32) {
+        cur = ggml_cast(ctx, cur, GGML_TYPE_F32);
+    }
+
+    // out[j] = sum_i r[i] R[j][i]: src0 element (i, j) = R[j][i], which is the V layout; K stores R^T
+    ggml_tensor * res;
+    if (p.rot == LLAMA_MINICACHE_ROT_FULL) {
+        ggml_tensor * a = p.kind == KIND_K ? ggml_cont(ctx, ggml_transpose(ctx, p.rot_t)) : p.rot_t;
+        res = ggml_mul_mat(ctx, a, cur);
+    } else {
+        ggml_tensor * a = p.kind == KIND_K ? ggml_cont(ctx, ggml_permute(ctx, p.rot_t, 1, 0, 2, 3)) : p.rot_t;
+        ggml_tensor * b = ggml_permute(ctx, ggml_reshape_3d(ctx, cur, dh, nh, n), 0, 2, 1, 3); // [dh, n, nh]
+        res = ggml_mul_mat(ctx, a, b);                                                          // [dh, n, nh]
+        res = ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, res, 0, 2, 1, 3)), dh*nh, n);
+    }
+
+    return ggml_cast(ctx, res, type_of(p.kind));
+}
+
+// gather along dim 0 of x [n0, n1, n2] with idx [m] (values < n0): [m, n1, n2]
+static ggml_tensor * gather_dim0(ggml_context * ctx, ggml_tensor * x, ggml_tensor * idx) {
+    const int64_t n1 = x->ne[1];
+    const int64_t n2 = x->ne[2];
+    ggml_tensor * t = ggml_cont(ctx, ggml_permute(ctx, x, 2, 0, 1, 3));       // [n1, n2, n0]
+    t = ggml_get_rows(ctx, ggml_reshape_2d(ctx, t, n1*n2, x->ne[0]), idx);   // [n1*n2, m]
+    t = ggml_reshape_3d(ctx, t, n1, n2, idx->ne[0]);
+    return ggml_cont(ctx, ggml_permute(ctx, t, 1, 2, 0, 3));                 // [m, n1, n2]
+}
+
+ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q_cur, ggml_tensor * k_dense, ggml_tensor * v_dense,
+        ggml_tensor * kq_mask, float kq_scale, float max_bias, int32_t il, uint32_t n_kv,
+        uint32_t n_embd_head_k, uint32_t n_embd_head_v, uint32_t n_head_kv, const llama_kv_minicache_inputs & inp) const {
+    const int32_t ipk = pool_of[2*il + KIND_K];
+    const int32_t ipv = pool_of[2*il + KIND_V];
+
+    GGML_ASSERT((ipk >= 0) == (k_dense == nullptr));
+    GGML_ASSERT((ipv >= 0) == (v_dense == nullptr));
+
+    const uint32_t n_tokens = q_cur->ne[2];
+
+    ggml_tensor * q = ggml_permute(ctx, q_cur, 0, 2, 1, 3); // [n_embd_head_k, n_tokens, n_head]
+
+    // scores [n_kv, n_tokens, n_head]
+    ggml_tensor * kq;
+    if (ipk < 0) {
+        kq = ggml_mul_mat(ctx, ggml_permute(ctx, k_dense, 0, 2, 1, 3), q);
+        ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+    } else {
+        const auto & p = pools[ipk];
+        const int x = il == p.il[0] ? 0 : 1;
+        const size_t es = ggml_element_size(p.dir);
+
+        // merged cells: norm_c * (dir_c . q), or norm_c * (dir_c . q R) for the rotated layer
+        const int32_t rot = x == 0 ? p.rot : LLAMA_MINICACHE_ROT_NONE;
+        if (rot == LLAMA_MINICACHE_ROT_FULL) {
+            // each head's query becomes a whole row: q_h R[rows of kv head h] [n_embd, n_tokens, n_head]
+            const size_t ef = ggml_element_size(p.rot_t);
+            ggml_tensor * w  = ggml_view_3d(ctx, p.rot_t, n_embd_head_k, p.n_embd, n_head_kv, ef*p.n_embd, ef*n_embd_head_k, 0);
+            ggml_tensor * qr = ggml_mul_mat(ctx, w, q);
+            ggml_tensor * dir = ggml_view_2d(ctx, p.dir, p.n_embd, n_kv, p.dir->nb[1], 0);
+            kq = ggml_mul_mat(ctx, dir, ggml_reshape_2d(ctx, qr, p.n_embd, qr->ne[1]*qr->ne[2]));
+            ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+            kq = ggml_reshape_3d(ctx, kq, n_kv, qr->ne[1], qr->ne[2]);
+        } else {
+            // per head: q_h R_h
+            ggml_tensor * qr = rot == LLAMA_MINICACHE_ROT_HEAD ? ggml_mul_mat(ctx, p.rot_t, q) : q;
+            ggml_tensor * dir = ggml_view_3d(ctx, p.dir, n_embd_head_k, n_head_kv, n_kv, es*n_embd_head_k, p.dir->nb[1], 0);
+            kq = ggml_mul_mat(ctx, ggml_permute(ctx, dir, 0, 2, 1, 3), qr);
+            ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+        }
+        kq = ggml_mul(ctx, kq, ggml_view_1d(ctx, p.norm[x], n_kv, 0)); // 0 for cells read from a slot
+
+        // exact cells: x_c . q, gathered by slot (cells without a slot get the zero row's 0)
+        ggml_tensor * rows = ggml_view_3d(ctx, p.rows[x], n_embd_head_k, n_head_kv, n_rows, es*n_embd_head_k, p.rows[x]->nb[1], 0);
+        ggml_tensor * kq_x = ggml_mul_mat(ctx, ggml_permute(ctx, rows, 0, 2, 1, 3), q); // [n_rows, n_tokens, n_head]
+        ggml_mul_mat_set_prec(kq_x, GGML_PREC_F32);
+        kq = ggml_add(ctx, kq, gather_dim0(ctx, kq_x, inp.gather_idxs[ipk]));
+    }
+
+    kq = ggml_soft_max_ext(ctx, kq, kq_mask, kq_scale, max_bias);
+
+    // output [n_embd_head_v, n_tokens, n_head]
+    ggml_tensor * kqv;
+    if (ipv < 0) {
+        kqv = ggml_mul_mat(ctx, ggml_permute(ctx, v_dense, 0, 2, 1, 3), kq);
+    } else {
+        const auto & p = pools[ipv];
+        const int x = il == p.il[0] ? 0 : 1;
+
+        GGML_ASSERT(dir_trans(p));
+
+        // merged cells: sum_c (p_c norm_c) dir_c, rotated back once per output row for the rotated layer
+        const int32_t rot = x == 0 ? p.rot : LLAMA_MINICACHE_ROT_NONE;
+        ggml_tensor * kqn  = ggml_mul(ctx, kq, ggml_view_1d(ctx, p.norm[x], n_kv, 0)); // 0 for cells read from a slot
+        if (rot == LLAMA_MINICACHE_ROT_FULL) {
+            // each head sums whole direction rows [n_embd, n_tokens, n_head], then R^T maps them to its head
+            ggml_tensor * dir = ggml_view_2d(ctx, p.dir, n_kv, p.n_embd, p.dir->nb[1], 0);
+            ggml_tensor * u = ggml_mul_mat(ctx, dir, ggml_reshape_2d(ctx, kqn, n_kv, kqn->ne[1]*kqn->ne[2]));
+            u = ggml_reshape_3d(ctx, u, p.n_embd, kqn->ne[1], kqn->ne[2]);
+            const size_t ef = ggml_element_size(p.rot_t);
+            ggml_tensor * w = ggml_view_3d(ctx, p.rot_t, p.n_embd, n_embd_head_v, n_head_kv, ef*p.n_embd, ef*p.n_embd*n_embd_head_v, 0);
+            kqv = ggml_mul_mat(ctx, w, u);
+        } else {
+            ggml_tensor * dir = ggml_view_3d(ctx, p.dir, n_kv, n_embd_head_v, n_head_kv, p.dir->nb[1], p.dir->nb[1]*n_embd_head_v, 0);
+            kqv = ggml_mul_mat(ctx, dir, kqn);
+            if (rot == LLAMA_MINICACHE_ROT_HEAD) {
+                kqv = ggml_mul_mat(ctx, p.rot_t, kqv);
+            }
+        }
+
+        // exact cells: sum_s p_cell(s) x_s (free slots hold zero rows)
+        ggml_tensor * rows_t = ggml_view_3d(ctx, p.rows[x], n_rows, n_embd_head_v, n_head_kv,
+                p.rows[x]->nb[1], p.rows[x]->nb[1]*n_embd_head_v, 0); // [n_rows, n_embd] stored transposed
+        kqv = ggml_add(ctx, kqv, ggml_mul_mat(ctx, rows_t, gather_dim0(ctx, kq, inp.slot_cells[ipv])));
+    }
+
+    ggml_tensor * cur = ggml_permute(ctx, kqv, 0, 2, 1, 3); // [n_embd_head_v, n_head, n_tokens]
+
+    return ggml_cont_2d(ctx, cur, cur->ne[0]*cur->ne[1], n_tokens);
+}
+
+//
+// host side
+//
+
+int32_t llama_kv_minicache::take_slot(pool & p, uint32_t c) {
+    if (p.free_slots.empty()) {
+        return -1;
+    }
+    const int32_t s = p.free_slots.top();
+    p.free_slots.pop();
+    p.slot_of_cell[c] = s;
+    p.cell_of_slot[s] = c;
+    sync_norm(p, c);
+    return s;
+}
+
+void llama_kv_minicache::free_slot(pool & p, int32_t s) {
+    const int32_t c = p.cell_of_slot[s];
+    p.cell_of_slot[s] = -1;
+    p.free_slots.push(s);
+    if (c >= 0) {
+        p.slot_of_cell[c] = -1;
+        sync_norm(p, c); // a merged cell is read as dir * norm from now on
+    }
+
+    // a free slot holds a zero row: the attention gathers weights for every slot
+    const size_t row = ggml_row_size(type_of(p.kind), p.n_embd);
+    const std::vector<uint8_t> zero(row, 0);
+    write_vec(p, p.rows[0], s, zero.data());
+    write_vec(p, p.rows[1], s, zero.data());
+}
+
+void llama_kv_minicache::sync_norm(pool & p, uint32_t c) const {
+    for (int x = 0; x < 2; ++x) {
+        const float v = merged[c] && p.slot_of_cell[c] < 0 ? p.norm_host[x][c] : 0.0f;
+        ggml_backend_tensor_set(p.norm[x], &v, c*p.norm[x]->nb[1], sizeof(float));
+    }
+}
+
+void llama_kv_minicache::write_vec(const pool & p, ggml_tensor * t, uint32_t idx, const uint8_t * row) const {
+    const size_t es = ggml_type_size(type_of(p.kind));
+    if (!dir_trans(p)) {
+        ggml_backend_tensor_set(t, row, idx*t->nb[1], es*p.n_embd);
+    } else if (ggml_backend_buffer_is_host(t->buffer)) {
+        uint8_t * base = (uint8_t *) t->data;
+        for (uint32_t j = 0; j < p.n_embd; ++j) {
+            memcpy(base + j*t->nb[1] + idx*es, row + j*es, es);
+        }
+    } else {
+        for (uint32_t j = 0; j < p.n_embd; ++j) {
+            ggml_backend_tensor_set(t, row + j*es, j*t->nb[1] + idx*es, es);
+        }
+    }
+}
+
+void llama_kv_minicache::read_vec(const pool & p, ggml_tensor * t, uint32_t idx, uint8_t * row) const {
+    const size_t es = ggml_type_size(type_of(p.kind));
+    if (!dir_trans(p)) {
+        ggml_backend_tensor_get(t, row, idx*t->nb[1], es*p.n_embd);
+    } else if (ggml_backend_buffer_is_host(t->buffer)) {
+        const uint8_t * base = (const uint8_t *) t->data;
+        for (uint32_t j = 0; j < p.n_embd; ++j) {
+            memcpy(row + j*es, base + j*t->nb[1] + idx*es, es);
+        }
+    } else {
+        for (uint32_t j = 0; j < p.n_embd; ++j) {
+            ggml_backend_tensor_get(t, row + j*es, j*t->nb[1] + idx*es, es);
+        }
+    }
+}
+
+void llama_kv_minicache::release_cell(uint32_t c) {
+    if (staged[c]) {
+        staged[c] = 0;
+        n_staged_cur--;
+    }
+    if (merged[c]) {
+        merged[c] = 0;
+        n_merged_cur--;
+    }
+    // nothing of the cell survives: a released cell reads as zero (not as old, maybe non-finite, data)
+    for (auto & p : pools) {
+        const int32_t s = p.slot_of_cell[c];
+        if (s >= 0) {
+            free_slot(p, s);
+        }
+        p.dist[c]         = 0.0f;
+        p.norm_host[0][c] = 0.0f;
+        p.norm_host[1][c] = 0.0f;
+        sync_norm(p, c);
+        const std::vector<uint8_t> zero(ggml_row_size(type_of(p.kind), p.n_embd), 0);
+        write_vec(p, p.dir, c, zero.data());
+    }
+}
+
+void llama_kv_minicache::forget_freed(const llama_kv_cells & cells) {
+    for (uint32_t c = 0; c < kv_size; ++c) {
+        if ((staged[c] || merged[c]) && cells.is_empty(c)) {
+            release_cell(c);
+        }
+    }
+}
+
+void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector<uint32_t> & new_cells) {
+    // cells freed since the last ubatch (seq_rm, clear, ...) give their slots back
+    forget_freed(cells);
+
+    for (uint32_t c : new_cells) {
+        if (staged[c] || merged[c]) {
+            release_cell(c); // overwritten
+        }
+    }
+
+    const uint32_t n_new = (uint32_t) new_cells.size();
+    if (n_new > n_stage) {
+        throw std::runtime_error(format("a ubatch of %u tokens exceeds the staging pool (%u)", n_new, n_stage));
+    }
+
+    // tokens leaving the window, and enough of the oldest to make room for the new ones
+    const int64_t n_over_window = (int64_t) n_staged_cur - params.window;
+    const int64_t n_over_pool   = (int64_t) n_staged_cur + n_new - n_stage;
+    const int64_t n_merge       = std::max<int64_t>({ 0, n_over_window, n_over_pool });
+
+    if (n_merge > 0) {
+        std::vector<uint32_t> order;
+        order.reserve(n_staged_cur);
+        for (uint32_t c = 0; c < kv_size; ++c) {
+            if (staged[c]) {
+                order.push_back(c);
+            }
+        }
+        std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return stage_seq[a] < stage_seq[b]; });
+        order.resize(n_merge);
+        merge_cells(order);
+    }
+
+    for (const auto & p : pools) {
+        if (p.free_slots.size() < n_new) {
+            throw std::runtime_error(format("the exact-slot pool of %c layers %d-%d has %zu free slots for %u new tokens",
+                    p.kind == KIND_K ? 'K' : 'V', p.il[0], p.il[1], p.free_slots.size(), n_new));
+        }
+    }
+
+    for (uint32_t c : new_cells) {
+        staged[c]    = 1;
+        stage_seq[c] = stage_counter++;
+        n_staged_cur++;
+        for (auto & p : pools) {
+            take_slot(p, c);
+        }
+    }
+}
+
+void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merge) {
+    const int64_t n = (int64_t) cells_to_merge.size();
+
+    for (auto & p : pools) {
+        const ggml_type type = type_of(p.kind);
+        const size_t row = ggml_row_size(type, p.n_embd);
+
+        std::vector<uint8_t> x0(n*row), x1(n*row), dir(n*row);
+        std::vector<float>   n0(n), n1(n), dist(n);
+
+        for (int64_t i = 0; i < n; ++i) {
+            const int32_t s = p.slot_of_cell[cells_to_merge[i]];
+            if (s < 0) {
+                throw std::runtime_error(format("cell %u is staged without an exact slot", cells_to_merge[i]));
+            }
+            read_vec(p, p.rows[0], s, x0.data() + i*row);
+            read_vec(p, p.rows[1], s, x1.data() + i*row);
+        }
+
+        mc_merge(type, x0.data(), x1.data(), n, p.n_embd, params.t, p.rot != LLAMA_MINICACHE_ROT_NONE ? p.r_full.data() : nullptr,
+                dir.data(), n0.data(), n1.data(), dist.data());
+
+        for (int64_t i = 0; i < n; ++i) {
+            const uint32_t c = cells_to_merge[i];
+            write_vec(p, p.dir, c, dir.data() + i*row);
+            // the norm tensors stay 0 while the cell keeps its slot (see sync_norm)
+            p.norm_host[0][c] = n0[i];
+            p.norm_host[1][c] = n1[i];
+            p.dist[c] = dist[i];
+        }
+    }
+
+    for (uint32_t c : cells_to_merge) {
+        staged[c] = 0;
+        merged[c] = 1;
+    }
+    n_staged_cur -= (uint32_t) n;
+    n_merged_cur += (uint32_t) n;
+
+    for (auto & p : pools) {
+        retain(p);
+    }
+}
+
+void llama_kv_minicache::retain(pool & p) {
+    // candidates: every merged cell that owns a slot, i.e. the retained ones and the newly merged
+    // ones (marked merged already, still in their staging slot)
+    std::vector<uint32_t> cand;
+    for (uint32_t s = 0; s < n_slots; ++s) {
+        const int32_t c = p.cell_of_slot[s];
+        if (c >= 0 && merged[c]) {
+            cand.push_back(c);
+        }
+    }
+
+    uint32_t k = 0;
+    if (params.retention == LLAMA_MINICACHE_RETAIN_TOPK) {
+        k = std::min(mc_retain_count(n_merged_cur, params.gamma), n_retain_max);
+    } else {
+        // the paper's Eq. 4 over every merged token of this pool, bounded by the pool capacity
+        float dmin = INFINITY, dmax = -INFINITY;
+        for (uint32_t c = 0; c < kv_size; ++c) {
+            if (merged[c]) {
+                dmin = std::min(dmin, p.dist[c]);
+                dmax = std::max(dmax, p.dist[c]);
+            }
+        }
+        const double thr = dmin + (double) (dmax - dmin)*(1.0 - (double) params.gamma);
+        k = std::min<uint32_t>((uint32_t) std::count_if(cand.begin(), cand.end(),
+                [&](uint32_t c) { return (double) p.dist[c] > thr; }), n_retain_max);
+    }
+
+    // most distinct first; ties: the older token first (token order, as the reference)
+    std::stable_sort(cand.begin(), cand.end(), [&](uint32_t a, uint32_t b) {
+        if (p.dist[a] != p.dist[b]) {
+            return p.dist[a] > p.dist[b];
+        }
+        return stage_seq[a] < stage_seq[b];
+    });
+
+    // the rest give their slot up (they fall back to dir * norm)
+    for (size_t i = k; i < cand.size(); ++i) {
+        free_slot(p, p.slot_of_cell[cand[i]]);
+    }
+}
+
+void llama_kv_minicache::clear() {
+    // every cell and slot back to the state of a new cache, tensors zeroed in bulk
+    for (auto & p : pools) {
+        for (ggml_tensor * t : { p.dir, p.norm[0], p.norm[1], p.rows[0], p.rows[1] }) {
+            if (t->buffer) {
+                ggml_backend_tensor_memset(t, 0, 0, ggml_nbytes(t));
+            }
+        }
+        std::fill(p.slot_of_cell.begin(), p.slot_of_cell.end(), -1);
+        std::fill(p.cell_of_slot.begin(), p.cell_of_slot.end(), -1);
+        std::fill(p.dist.begin(), p.dist.end(), 0.0f);
+        std::fill(p.norm_host[0].begin(), p.norm_host[0].end(), 0.0f);
+        std::fill(p.norm_host[1].begin(), p.norm_host[1].end(), 0.0f);
+        p.free_slots = {};
+        for (uint32_t s = 0; s < n_slots; ++s) {
+            p.free_slots.push((int32_t) s);
+        }
+    }
+    std::fill(staged.begin(), staged.end(), 0);
+    std::fill(merged.begin(), merged.end(), 0);
+    std::fill(stage_seq.begin(), stage_seq.end(), 0);
+    n_staged_cur  = 0;
+    n_merged_cur  = 0;
+    stage_counter = 0;
+
+    // the cache clears its buffers with the data: the rotations are written again
+    upload_rotations();
+}
+
+//
+// state
+//
+
+static constexpr uint32_t MC_STATE_MAGIC   = 0x564B434D; // "MCKV"
+static constexpr uint32_t MC_STATE_VERSION = 3;
+
+// what a state depends on: retention, window, the slot capacities (from n_ctx and n_ubatch), the pools
+static constexpr size_t MC_LAYOUT_HEAD = 6;
+
+std::vector<int32_t> llama_kv_minicache::layout_desc() const {
+    std::vector<int32_t> res = { params.retention, params.window, (int32_t) kv_size, (int32_t) n_stage, (int32_t) n_retain_max,
+        (int32_t) pools.size() };
+    for (const auto & p : pools) {
+        res.push_back(p.kind);
+        res.push_back(p.il[0]);
+        res.push_back(p.rot);
+        res.push_back((int32_t) (p.r_hash & 0xffffffffu));
+        res.push_back((int32_t) (p.r_hash >> 32));
+    }
+    return res;
+}
+
+static std::string layout_str(const std::vector<int32_t> & l, float t, float gamma) {
+    std::string res = format("retention %d, window %d, %d cells, %d staging + %d retention slots, t %.3f, gamma %.3f, %d pools:",
+            l[0], l[1], l[2], l[3], l[4], t, gamma, l[5]);
+    for (size_t i = MC_LAYOUT_HEAD; i + 4 < l.size(); i += 5) {
+        res += format(" %c(%d,%d)%s", l[i] == 0 ? 'K' : 'V', l[i + 1], l[i + 1] + 1,
+                l[i + 2] == LLAMA_MINICACHE_ROT_FULL ? "+R" : l[i + 2] == LLAMA_MINICACHE_ROT_HEAD ? "+Rh" : "");
+    }
+    return res;
+}
+
+void llama_kv_minicache::state_write(llama_io_write_i & io, const std::vector<uint32_t> & cells) const {
+    io.write(&MC_STATE_MAGIC,   sizeof(MC_STATE_MAGIC));
+    io.write(&MC_STATE_VERSION, sizeof(MC_STATE_VERSION));
+
+    // the layout (pools and their rotations): a reader must have the same one
+    const std::vector<int32_t> layout = layout_desc();
+    const uint32_t n_layout = layout.size();
+    io.write(&n_layout, sizeof(n_layout));
+    io.write(layout.data(), sizeof(int32_t)*n_layout);
+    io.write(&params.t,     sizeof(params.t));
+    io.write(&params.gamma, sizeof(params.gamma));
+
+    const uint32_t n_cells = cells.size();
+    io.write(&n_cells, sizeof(n_cells));
+
+    for (uint32_t c : cells) {
+        const uint8_t  st  = staged[c] ? LLAMA_MINICACHE_CELL_STAGED : merged[c] ? LLAMA_MINICACHE_CELL_MERGED : LLAMA_MINICACHE_CELL_EMPTY;
+        const uint64_t seq = stage_seq[c];
+        io.write(&st,  sizeof(st));
+        io.write(&seq, sizeof(seq));
+
+        for (const auto & p : pools) {
+            const size_t row = ggml_row_size(type_of(p.kind), p.n_embd);
+            std::vector<uint8_t> buf(row);
+
+            if (merged[c]) {
+                const float n[2] = { p.norm_host[0][c], p.norm_host[1][c] };
+                io.write(&p.dist[c], sizeof(float));
+                io.write(n, sizeof(n));
+                read_vec(p, p.dir, c, buf.data());
+                io.write(buf.data(), row);
+            }
+
+            const int32_t s = p.slot_of_cell[c];
+            const uint8_t has_slot = s >= 0;
+            io.write(&has_slot, sizeof(has_slot));
+            if (has_slot) {
+                for (int x = 0; x < 2; ++x) {
+                    read_vec(p, p.rows[x], s, buf.data());
+                    io.write(buf.data(), row);
+                }
+            }
+        }
+    }
+}
+
+void llama_kv_minicache::state_read(llama_io_read_i & io, const llama_kv_cells & kv_cells, const std::vector<uint32_t> & cells) {
+    uint32_t magic, version;
+    io.read(&magic,   sizeof(magic));
+    io.read(&version, sizeof(version));
+    if (magic != MC_STATE_MAGIC || version != MC_STATE_VERSION) {
+        throw std::runtime_error(format("not a MiniCache KV state of this version (magic %08x, version %u; expected %08x, %u)",
+                magic, version, MC_STATE_MAGIC, MC_STATE_VERSION));
+    }
+
+    const std::vector<int32_t> mine = layout_desc();
+    uint32_t n_layout;
+    io.read(&n_layout, sizeof(n_layout));
+    if (n_layout < MC_LAYOUT_HEAD || n_layout > MC_LAYOUT_HEAD + 5*4096u || (n_layout - MC_LAYOUT_HEAD) % 5 != 0) {
+        throw std::runtime_error(format("MiniCache state: invalid layout size %u", n_layout));
+    }
+    std::vector<int32_t> layout(n_layout);
+    float t, gamma;
+    io.read(layout.data(), sizeof(int32_t)*n_layout);
+    io.read(&t,     sizeof(t));
+    io.read(&gamma, sizeof(gamma));
+    if (layout != mine || t != params.t || gamma != params.gamma) {
+        throw std::runtime_error(format("the state was saved with another MiniCache layout (%s); this cache: %s "
+                "(a state loads into a context with the same n_ctx, n_ubatch and kv_merge settings)",
+                layout_str(layout, t, gamma).c_str(), layout_str(mine, params.t, params.gamma).c_str()));
+    }
+
+    uint32_t n_cells;
+    io.read(&n_cells, sizeof(n_cells));
+    if (n_cells != cells.size()) {
+        throw std::runtime_error(format("MiniCache state holds %u cells, the KV state %zu", n_cells, cells.size()));
+    }
+
+    // cells freed by the restore (seq_rm, clear) and the destination cells start over
+    forget_freed(kv_cells);
+    for (uint32_t c : cells) {
+        if (c >= kv_size) {
+            throw std::runtime_error(format("MiniCache state: cell %u is outside the cache (%u cells)", c, kv_size));
+        }
+        release_cell(c);
+    }
+
+    try {
+        state_read_cells(io, cells);
+    } catch (...) {
+        // a refused state leaves no trace: its cells read as empty
+        for (uint32_t c : cells) {
+            release_cell(c);
+        }
+        throw;
+    }
+}
+
+void llama_kv_minicache::state_read_cells(llama_io_read_i & io, const std::vector<uint32_t> & cells) {
+    uint64_t seq_max = stage_counter;
+    std::vector<uint32_t> n_retained(pools.size(), 0);
+    for (uint32_t c : cells) {
+        uint8_t  st;
+        uint64_t seq;
+        io.read(&st,  sizeof(st));
+        io.read(&seq, sizeof(seq));
+        if (st != LLAMA_MINICACHE_CELL_STAGED && st != LLAMA_MINICACHE_CELL_MERGED) {
+            throw std::runtime_error(format("MiniCache state: invalid cell state %u", st));
+        }
+        if (seq >= (1ull << 62)) {
+            throw std::runtime_error(format("MiniCache state: invalid staging order %llu", (unsigned long long) seq));
+        }
+        if (staged[c] || merged[c]) {
+            throw std::runtime_error(format("MiniCache state: cell %u appears twice", c));
+        }
+        if (st == LLAMA_MINICACHE_CELL_STAGED) {
+            if (n_staged_cur >= n_stage) {
+                throw std::runtime_error(format("MiniCache state: more staged tokens than the staging pool holds (%u)", n_stage));
+            }
+            staged[c] = 1;
+            n_staged_cur++;
+        } else {
+            merged[c] = 1;
+            n_merged_cur++;
+        }
+        stage_seq[c] = seq;
+        seq_max = std::max(seq_max, seq + 1);
+
+        for (size_t ip = 0; ip < pools.size(); ++ip) {
+            auto & p = pools[ip];
+            const size_t row = ggml_row_size(type_of(p.kind), p.n_embd);
+            std::vector<uint8_t> buf(row);
+
+            if (merged[c]) {
+                float d, n[2];
+                io.read(&d, sizeof(d));
+                io.read(n, sizeof(n));
+                // a distance is in [0, 1] (NaN would break the retention order); a norm is >= 0 or
+                // NaN/Inf (the core's marker for a non-finite row)
+                if (!(d >= 0.0f && d <= 1.0f) || n[0] < 0.0f || n[1] < 0.0f) {
+                    throw std::runtime_error(format("MiniCache state: cell %u has distance %g and norms %g, %g "
+                            "(expected a distance in [0, 1] and norms >= 0)", c, d, n[0], n[1]));
+                }
+                p.dist[c]         = d;
+                p.norm_host[0][c] = n[0];
+                p.norm_host[1][c] = n[1];
+                sync_norm(p, c);
+                io.read(buf.data(), row);
+                write_vec(p, p.dir, c, buf.data());
+            }
+
+            uint8_t has_slot;
+            io.read(&has_slot, sizeof(has_slot));
+            if (has_slot > 1 || (staged[c] && !has_slot)) {
+                throw std::runtime_error("MiniCache state: a staged cell without its exact rows");
+            }
+            if (has_slot) {
+                if (merged[c] && n_retained[ip]++ >= n_retain_max) {
+                    throw std::runtime_error(format("MiniCache state: more retained tokens than the retention pool holds (%u)",
+                            n_retain_max));
+                }
+                const int32_t s = take_slot(p, c);
+                if (s < 0) {
+                    throw std::runtime_error(format("MiniCache state: more exact rows than this cache has slots (%u)", n_slots));
+                }
+                for (int x = 0; x < 2; ++x) {
+                    io.read(buf.data(), row);
+                    write_vec(p, p.rows[x], s, buf.data());
+                }
+            }
+        }
+    }
+    stage_counter = seq_max;
+}
+
+//
+// introspection
+//
+
+void llama_kv_minicache::fill_stats(llama_minicache_stats & st) const {
+    st.n_layer      = (int32_t) hparams.n_layer();
+    st.start_layer  = start_layer;
+    st.n_pairs      = n_pairs;
+    st.merge_k      = 0;
+    st.merge_v      = 0;
+    st.n_rot        = 0;
+    st.rot_bytes    = 0;
+    for (const auto & p : pools) {
+        (p.kind == KIND_K ? st.merge_k : st.merge_v) = 1;
+        st.n_rot     += p.rot != LLAMA_MINICACHE_ROT_NONE;
+        st.rot_bytes += p.rot_t ? ggml_nbytes(p.rot_t) : 0;
+    }
+    st.n_pools      = (int32_t) pools.size();
+    st.kv_size      = kv_size;
+    st.n_slots      = n_slots;
+    st.n_rows       = n_rows;
+    st.n_stage      = n_stage;
+    st.n_retain_max = n_retain_max;
+    st.n_staged     = n_staged_cur;
+    st.n_merged     = n_merged_cur;
+    st.n_retained   = 0;
+    for (const auto & p : pools) {
+        for (uint32_t s = 0; s < n_slots; ++s) {
+            const int32_t c = p.cell_of_slot[s];
+            st.n_retained += c >= 0 && merged[c];
+        }
+    }
+}
+
+int32_t llama_kv_minicache::get_pairs(llama_minicache_pair * out, int32_t n_max) const {
+    for (int32_t i = 0; i < n_max && i < (int32_t) pools.size(); ++i) {
+        out[i].kind = pools[i].kind;
+        out[i].il   = pools[i].il[0];
+        out[i].rot  = pools[i].rot;
+        out[i].n_r  = 0;
+        out[i].r    = nullptr;
+    }
+    return (int32_t) pools.size();
+}
+
+int32_t llama_kv_minicache::get_rows(int32_t il, int kind, int32_t c0, int32_t n, float * out) const {
+    const auto & p = pools[pool_of[2*il + kind]];
+    const int x = il == p.il[0] ? 0 : 1;
+    const ggml_type type = type_of(kind);
+    const size_t row = ggml_row_size(type, p.n_embd);
+
+    std::vector<uint8_t> buf(row);
+    for (int32_t i = 0; i < n; ++i) {
+        const uint32_t c = c0 + i;
+        const int32_t  s = p.slot_of_cell[c];
+        float * dst = out + (size_t) i*p.n_embd;
+        if (s >= 0) {
+            read_vec(p, p.rows[x], s, buf.data());
+            row_to_f32(type, buf.data(), p.n_embd, dst);
+        } else {
+            const float norm = p.norm_host[x][c];
+            read_vec(p, p.dir, c, buf.data());
+            mc_restore_row(type, buf.data(), norm, p.n_embd, x == 0 && p.rot != LLAMA_MINICACHE_ROT_NONE ? p.r_full.data() : nullptr, dst);
+        }
+    }
+    return (int32_t) p.n_embd;
+}
+
+int32_t llama_kv_minicache::get_cells(int32_t il, int kind, int32_t c0, int32_t n, uint8_t * state, float * dist) const {
+    const auto & p = pools[pool_of[2*il + kind]];
+    for (int32_t i = 0; i < n; ++i) {
+        const uint32_t c = c0 + i;
+        uint8_t st = LLAMA_MINICACHE_CELL_EMPTY;
+        if (staged[c]) {
+            st = LLAMA_MINICACHE_CELL_STAGED;
+        } else if (merged[c]) {
+            st = p.slot_of_cell[c] >= 0 ? LLAMA_MINICACHE_CELL_RETAINED : LLAMA_MINICACHE_CELL_MERGED;
+        }
+        if (state) {
+            state[i] = st;
+        }
+        if (dist) {
+            dist[i] = merged[c] ? p.dist[c] : 0.0f;
+        }
+    }
+    return 0;
+}
+
+std::string llama_kv_minicache::describe() const {
+    int n_k = 0, n_v = 0, n_rot = 0;
+    std::string list;
+    for (const auto & p : pools) {
+        (p.kind == KIND_K ? n_k : n_v)++;
+        n_rot += p.rot != LLAMA_MINICACHE_ROT_NONE;
+    }
+    const bool uniform = specs.empty();
+    if (uniform) {
+        list = format("%d layer pairs from layer %d merge %s%s%s", n_pairs, start_layer, n_k ? "K" : "", n_k && n_v ? "+" : "", n_v ? "V" : "");
+    } else {
+        list = format("%d K + %d V layer pairs merged (%d aligned):", n_k, n_v, n_rot);
+        for (const auto & p : pools) {
+            list += format(" %c%d-%d", p.kind == KIND_K ? 'K' : 'V', p.il[0], p.il[1]);
+        }
+    }
+    return format("MiniCache: %s, t = %.2f, gamma = %.3f (%s), "
+            "%u exact slots per layer (%u staging, window %d; %u retention)",
+            list.c_str(), params.t, params.gamma,
+            params.retention == LLAMA_MINICACHE_RETAIN_TOPK ? "top-k" : "threshold",
+            n_slots, n_stage, params.window, n_retain_max);
+}
+
+//
+// llama_kv_cache glue (declared in llama-kv-cache.h)
+//
+
+std::unique_ptr<llama_kv_minicache> llama_kv_cache::minicache_init(ggml_type type_k, ggml_type type_v, uint32_t kv_size, bool plain) {
+    const llama_minicache_config * armed = take_armed();
+    if (armed == nullptr) {
+        return nullptr;
+    }
+    const llama_minicache_config & config = *armed;
+    try {
+        if (!plain) {
+            throw std::runtime_error("only a plain KV cache can be merged (not a shared, filtered, reused or SWA cache)");
+        }
+        if (n_stream > 1 || n_seq_max > 1) {
+            throw std::runtime_error(format("n_seq_max=%u is not supported: MiniCache merges single-sequence caches (n_seq_max = 1)", n_seq_max));
+        }
+        return std::make_unique<llama_kv_minicache>(hparams, config, type_k, type_v, kv_size, v_trans);
+    } catch (const std::exception & e) {
+        llama_minicache_set_error(e.what());
+        throw std::runtime_error(std::string("MiniCache: ") + e.what());
+    }
+}
+
+bool llama_kv_cache::minicache_prepare(const slot_info & sinfo) {
+    if (!mc) {
+        return true;
+    }
+    try {
+        mc->prepare(v_cells[sinfo.strm[0]], sinfo.idxs[0]);
+        return true;
+    } catch (const std::exception & e) {
+        llama_minicache_set_error(e.what());
+        LLAMA_LOG_ERROR("%s: MiniCache: %s\n", __func__, e.what());
+        return false;
+    }
+}
+
+ggml_tensor * llama_kv_cache::build_attn_minicache(ggml_context * ctx, ggml_tensor * q_cur, ggml_tensor * kq_mask, float kq_scale,
+        float max_bias, int32_t il, uint32_t n_kv, const slot_info & sinfo, const llama_kv_minicache_inputs * mc_inp) const {
+    const bool mk = mc && mc->is_merged(il, llama_kv_minicache::KIND_K);
+    const bool mv = mc && mc->is_merged(il, llama_kv_minicache::KIND_V);
+    // env LLAMA_MINICACHE_RESTORE=1: always restore merged K/V and run the stock attention (debug, benchmarks)
+    static const bool force_restore = getenv("LLAMA_MINICACHE_RESTORE") && atoi(getenv("LLAMA_MINICACHE_RESTORE"));
+    if (!(mk || mv) || !mc_inp || force_restore) {
+        return nullptr;
+    }
+
+    // a dense V is read transposed by the folded attention: only a transposed V cache has it so
+    if (!mv && !v_trans) {
+        return nullptr;
+    }
+
+    // folding gathers scores and weights per token ([n_kv, n_tokens, n_head]); restoring costs
+    // [n_kv, n_embd] once per ubatch: fold for decoding, restore for prompt batches
+    if (q_cur->ne[2] > LLAMA_MINICACHE_FOLD_MAX_TOKENS) {
+        return nullptr;
+    }
+    return mc->build_attn(ctx, q_cur,
+            mk ? nullptr : get_k(ctx, il, n_kv, sinfo),
+            mv ? nullptr : get_v(ctx, il, n_kv, sinfo),
+            kq_mask, kq_scale, max_bias, il, n_kv,
+            hparams.n_embd_head_k(il), hparams.n_embd_head_v(il), hparams.n_head_kv(il), *mc_inp);
+}
+
+void llama_kv_cache::minicache_sync() {
+    if (mc) {
+        mc->forget_freed(v_cells[0]);
+    }
+}
+
+void llama_kv_cache::build_input_minicache(ggml_context * ctx, const llama_ubatch & ubatch, uint32_t n_kv, llama_kv_minicache_inputs & inp) const {
+    if (mc) {
+        mc->build_inputs(ctx, ubatch.n_tokens, n_kv, inp);
+    }
+}
+
+void llama_kv_cache::set_input_minicache(const llama_kv_minicache_inputs & inp, const slot_info & sinfo, uint32_t n_kv) const {
+    if (mc && !inp.write_idxs.empty()) {
+        mc->set_inputs(inp, sinfo.idxs[0], n_kv);
+    }
+}
+
+size_t llama_kv_cache::size_dense_bytes() const {
+    size_t res = 0;
+    const uint64_t kv_size = get_size();
+    for (const auto & layer : layers) {
+        const uint32_t il = layer.il;
+        res += ggml_row_size(type_k_cache, hparams.n_embd_k_gqa(il))*kv_size*n_stream;
+        if (!hparams.is_mla()) {
+            res += ggml_row_size(type_v_cache, v_trans ? hparams.n_embd_v_gqa_max() : hparams.n_embd_v_gqa(il))*kv_size*n_stream;
+        }
+    }
+    return res;
+}
+
+int32_t llama_kv_cache::minicache_get_rows(int32_t il, int kind, int32_t c0, int32_t n, float * out) const {
+    if (map_layer_ids.find(il) == map_layer_ids.end() || kind < 0 || kind > 1 || c0 < 0 || n < 0 ||
+            (int64_t) c0 + n > (int64_t) get_size()) {
+        return -1;
+    }
+    if (mc && mc->is_merged(il, kind)) {
+        return mc->get_rows(il, kind, c0, n, out);
+    }
+
+    const auto & layer = layers[map_layer_ids.at(il)];
+    ggml_tensor * t = kind == 0 ? layer.k : layer.v;
+    if (t == nullptr || (t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_F32)) {
+        return -1;
+    }
+    const int64_t n_embd = kind == 0 ? hparams.n_embd_k_gqa(il) : hparams.n_embd_v_gqa(il);
+    const size_t es = ggml_type_size(t->type);
+
+    std::vector<uint8_t> buf(es*t->ne[0]);
+    if (kind == 1 && v_trans) {
+        // element (cell c, dim j) at j*kv_size + c
+        const uint64_t kv_size = get_size();
+        std::vector<uint8_t> col(es*n);
+        for (int64_t j = 0; j < n_embd; ++j) {
+            ggml_backend_tensor_get(t, col.data(), es*(j*kv_size + c0), es*n);
+            for (int32_t i = 0; i < n; ++i) {
+                float v;
+                row_to_f32(t->type, col.data() + es*i, 1, &v);
+                out[(size_t) i*n_embd + j] = v;
+            }
+        }
+    } else {
+        for (int32_t i = 0; i < n; ++i) {
+            ggml_backend_tensor_get(t, buf.data(), (c0 + i)*t->nb[1], es*t->ne[0]);
+            row_to_f32(t->type, buf.data(), n_embd, out + (size_t) i*n_embd);
+        }
+    }
+    return (int32_t) n_embd;
+}
+
+//
+// C API
+//
+
+static llama_kv_cache * kv_of(const llama_context * ctx) {
+    return ctx ? dynamic_cast<llama_kv_cache *>(ctx->get_memory()) : nullptr;
+}
+
+bool llama_minicache_active(llama_memory_i * mem) {
+    auto * kv = dynamic_cast<llama_kv_cache *>(mem);
+    return kv && kv->get_minicache();
+}
+
+llama_minicache_params llama_minicache_default_params(void) {
+    llama_minicache_params p;
+    p.start_layer = -1;
+    p.t           = 0.6f;
+    p.gamma       = 0.05f;
+    p.window      = 256;
+    p.n_ubatch    = 512;
+    p.merge_k     = true;
+    p.merge_v     = true;
+    p.retention   = LLAMA_MINICACHE_RETAIN_TOPK;
+    p.n_pairs     = 0;
+    p.pairs       = nullptr;
+    return p;
+}
+
+bool llama_minicache_set_pending(const llama_minicache_params * params) {
+    g_last_error.clear();
+    if (params == nullptr) {
+        g_pending_set = false;
+        return true;
+    }
+    const std::string err = check_params(*params);
+    if (!err.empty()) {
+        g_last_error = err;
+        g_pending_set = false;
+        return false;
+    }
+    g_pending.params = *params;
+    g_pending.params.n_pairs = 0;
+    g_pending.params.pairs   = nullptr;
+    g_pending.pairs.clear();
+    for (int32_t i = 0; i < params->n_pairs; ++i) {
+        const llama_minicache_pair & q = params->pairs[i];
+        g_pending.pairs.push_back({ q.kind, q.il, q.rot, std::vector<float>(q.r, q.r + q.n_r) });
+    }
+    g_pending_set = true;
+    return true;
+}
+
+const char * llama_minicache_last_error(void) {
+    return g_last_error.c_str();
+}
+
+bool llama_minicache_get_stats(const llama_context * ctx, llama_minicache_stats * out) {
+    auto * kv = kv_of(ctx);
+    if (!kv || !out) {
+        return false;
+    }
+    // the previous graph may still be writing the cache (asynchronous backends)
+    llama_synchronize(const_cast<llama_context *>(ctx));
+    *out = {};
+    if (kv->get_minicache()) {
+        kv->minicache_sync();
+        kv->get_minicache()->fill_stats(*out);
+    } else {
+        out->n_layer     = (int32_t) ctx->get_model().hparams.n_layer();
+        out->start_layer = -1;
+        out->kv_size     = kv->get_size();
+    }
+    int64_t total = 0;
+    for (const auto & [_, size] : kv->memory_breakdown()) {
+        total += size;
+    }
+    out->kv_bytes       = total;
+    out->kv_bytes_dense = kv->size_dense_bytes();
+    out->n_cells_used   = kv->get_cells(0).get_used();
+    return true;
+}
+
+int32_t llama_minicache_get_pairs(const llama_context * ctx, llama_minicache_pair * out, int32_t n_max) {
+    auto * kv = kv_of(ctx);
+    if (!kv || n_max < 0 || (n_max > 0 && !out)) {
+        return -1;
+    }
+    return kv->get_minicache() ? kv->get_minicache()->get_pairs(out, n_max) : 0;
+}
+
+int32_t llama_minicache_get_rows(const llama_context * ctx, int32_t il, int32_t kind, int32_t c0, int32_t n, float * out) {
+    auto * kv = kv_of(ctx);
+    if (!kv || !out) {
+        return -1;
+    }
+    llama_synchronize(const_cast<llama_context *>(ctx));
+    return kv->minicache_get_rows(il, kind, c0, n, out);
+}
+
+int32_t llama_minicache_get_cells(const llama_context * ctx, int32_t il, int32_t kind, int32_t c0, int32_t n, uint8_t * state, float * dist) {
+    auto * kv = kv_of(ctx);
+    if (!kv || !kv->get_minicache() || !kv->get_minicache()->is_merged(il, kind) ||
+            c0 < 0 || n < 0 || (int64_t) c0 + n > (int64_t) kv->get_size()) {
+        return -1;
+    }
+    llama_synchronize(const_cast<llama_context *>(ctx));
+    kv->minicache_sync();
+    return kv->get_minicache()->get_cells(il, kind, c0, n, state, dist);
+}

@@ -1,0 +1,245 @@
+#pragma once
+
+// MiniCache merged layer pairs inside llama_kv_cache (see include/llama-minicache.h)
+//
+// Per merged pair (a, b = a + 1) and per merged kind (K or V), a "pool" holds:
+//   dir     [n_embd, kv_size]     the shared unit direction of every cell, in the cache type
+//                                 (V: transposed, [kv_size, n_embd]: the attention sums over cells)
+//   norm[x] [1, kv_size] F32      the per-cell norm of layer a (x = 0) and b (x = 1)
+//   rows[x] [n_embd, n_rows]      exact rows of the cells that own a slot; rows n_slots.. stay 0
+//                                 (V: transposed, [n_rows, n_embd], like the directions)
+//   rot     F32                   aligned pools: the rotation R of layer a (merged as x_a * R), laid out
+//                                 for the decoding fold (K: R^T row-major, V: R row-major; per-head
+//                                 blocks [n_embd_head, n_embd_head, n_head_kv] for ROT_HEAD)
+// and, on the host, the slot <-> cell maps. New tokens are written to slots (staging); tokens
+// leaving the staging window are merged by the native core (native/minicache.h) between
+// ubatches; the most distinct merged pairs keep their slot (retention). A layer is read back in
+// the graph as dir * norm (merged cells) + rows gathered by slot (exact cells).
+
+#include "llama-minicache.h"
+
+#include "ggml.h"
+
+#include <cstdint>
+#include <functional>
+#include <queue>
+#include <string>
+#include <vector>
+
+struct llama_hparams;
+struct llama_memory_i;
+class llama_kv_cells;
+class llama_io_write_i;
+class llama_io_read_i;
+
+// ubatches up to this many tokens attend merged layers with the norms folded in (with or without flash
+// attention: the folded attention is the plain softmax one); larger ones restore K/V
+#define LLAMA_MINICACHE_FOLD_MAX_TOKENS 32
+
+// one merged (layer pair, kind) as configured, with its rotation (see llama_minicache_pair)
+struct llama_minicache_pair_spec {
+    int32_t            kind;
+    int32_t            il;
+    int32_t            rot;
+    std::vector<float> r;
+};
+
+// params + the explicit pairs (empty: pairs from start_layer, kinds from merge_k/merge_v)
+struct llama_minicache_config {
+    llama_minicache_params                 params;
+    std::vector<llama_minicache_pair_spec> pairs;
+};
+
+// marks the layer count of a KV state written by a merged cache (the stock reader refuses it)
+#define LLAMA_MINICACHE_STATE_TAG 0x4D430000u
+
+// graph inputs of the merged layers, one entry per pool
+struct llama_kv_minicache_inputs {
+    std::vector<ggml_tensor *> write_idxs;  // [n_tokens] I64: slot of each ubatch token (V: [n_tokens*n_embd], one per element)
+    std::vector<ggml_tensor *> gather_idxs; // [n_kv]     I32: slot of each cell, n_slots (the zero row) if none
+    std::vector<ggml_tensor *> slot_cells;  // [n_rows]   I32: cell of each slot, 0 for free slots and padding (zero rows)
+};
+
+class llama_kv_minicache {
+public:
+    static constexpr int KIND_K = 0;
+    static constexpr int KIND_V = 1;
+
+    // throws std::runtime_error naming the problem when this model/cache cannot be merged
+    llama_kv_minicache(
+            const llama_hparams & hparams,
+   const llama_minicache_config & config,
+                      ggml_type   type_k,
+                      ggml_type   type_v,
+                       uint32_t   kv_size,
+                           bool   v_trans);
+
+    bool is_merged(int32_t il, int kind) const;
+
+    // number of tensors create_tensors() adds (to size the no_alloc contexts)
+    size_t n_tensors() const;
+
+    // create the tensors in the (no_alloc) context of each layer's buffer type
+    void create_tensors(const std::function<ggml_context * (int32_t il)> & ctx_of_layer);
+
+    // write the rotations of aligned pools to their tensors (after the buffers are allocated or cleared)
+    void upload_rotations();
+
+    uint32_t get_n_stage() const { return n_stage; }
+
+    // merged storage of one kind, and what the same layers would take dense
+    size_t size_bytes (int kind) const;
+    size_t dense_bytes(int kind) const;
+
+    //
+    // graph
+    //
+
+    void build_inputs(ggml_context * ctx, uint32_t n_tokens, uint32_t n_kv, llama_kv_minicache_inputs & inp) const;
+    void set_inputs(const llama_kv_minicache_inputs & inp, const std::vector<uint32_t> & ubatch_cells, uint32_t n_kv) const;
+
+    // write the rows of a ubatch [n_embd, n_tokens] to their slots
+    ggml_tensor * cpy(ggml_context * ctx, ggml_tensor * cur, int32_t il, int kind, const llama_kv_minicache_inputs & inp) const;
+
+    // restored K (or V) of layer il, viewed like llama_kv_cache::get_k/get_v
+    ggml_tensor * get(ggml_context * ctx, int32_t il, int kind, uint32_t n_kv, uint32_t n_embd_head, uint32_t n_head_kv,
+            const llama_kv_minicache_inputs & inp) const;
+
+    // attention of layer il without restoring merged K/V (no flash attention): norms scale the
+    // scores and the softmax weights, exact rows are gathered by slot; an aligned pool's rotation
+    // is folded into the query (K) and the output (V). k_dense/v_dense: the
+    // stock views of a kind that is not merged (nullptr if merged). returns [n_embd_v, n_tokens]
+    ggml_tensor * build_attn(ggml_context * ctx, ggml_tensor * q_cur, ggml_tensor * k_dense, ggml_tensor * v_dense,
+            ggml_tensor * kq_mask, float kq_scale, float max_bias, int32_t il, uint32_t n_kv,
+            uint32_t n_embd_head_k, uint32_t n_embd_head_v, uint32_t n_head_kv, const llama_kv_minicache_inputs & inp) const;
+
+    //
+    // host side, before a ubatch is placed (the previous graph has completed)
+    //
+
+    // forget cells that were freed, merge the tokens leaving the staging window, give the new cells slots
+    void prepare(const llama_kv_cells & cells, const std::vector<uint32_t> & new_cells);
+
+    // forget cells that were freed (seq_rm, ...): their slots return to the pools
+    void forget_freed(const llama_kv_cells & cells);
+
+    void clear();
+
+    //
+    // state (after llama_kv_cache's own K/V records; merged kinds have none there)
+    //
+
+    void state_write(llama_io_write_i & io, const std::vector<uint32_t> & cells) const;
+
+    // cells: destination of each saved cell, in order; throws on a state saved with another layout
+    void state_read(llama_io_read_i & io, const llama_kv_cells & kv_cells, const std::vector<uint32_t> & cells);
+    void state_read_cells(llama_io_read_i & io, const std::vector<uint32_t> & cells);
+
+    //
+    // introspection (C API)
+    //
+
+    void    fill_stats(llama_minicache_stats & st) const;
+    int32_t get_pairs(llama_minicache_pair * out, int32_t n_max) const;
+    int32_t get_rows (int32_t il, int kind, int32_t c0, int32_t n, float * out) const;
+    int32_t get_cells(int32_t il, int kind, int32_t c0, int32_t n, uint8_t * state, float * dist) const;
+
+    std::string describe() const;
+
+private:
+    struct pool {
+        int      kind;
+        int32_t  il[2];
+        uint32_t n_embd;
+        uint32_t n_embd_head;
+        uint32_t n_head_kv;
+
+        int32_t            rot = LLAMA_MINICACHE_ROT_NONE;
+        std::vector<float> r_full; // R as a full n_embd x n_embd row-major matrix (host, for the merge)
+        uint64_t           r_hash = 0;
+
+        ggml_tensor * rot_t   = nullptr;
+        ggml_tensor * dir     = nullptr;
+        ggml_tensor * norm[2] = { nullptr, nullptr };
+        ggml_tensor * rows[2] = { nullptr, nullptr };
+
+        std::vector<int32_t> slot_of_cell; // -1: no slot
+        std::vector<int32_t> cell_of_slot; // -1: free
+        std::vector<float>   dist;         // angular distance of merged cells
+        std::vector<float>   norm_host[2]; // the norms of merged cells; the norm tensors hold them only
+                                           // for cells without a slot (0 for every other cell)
+
+        // lowest free slot first: the slot of a token depends only on which slots are free, so a
+        // cache emptied and refilled lays its rows out as a fresh one does
+        std::priority_queue<int32_t, std::vector<int32_t>, std::greater<int32_t>> free_slots;
+    };
+
+    const llama_hparams & hparams;
+    const llama_minicache_params params;
+    const std::vector<llama_minicache_pair_spec> specs;
+
+    const ggml_type type_k;
+    const ggml_type type_v;
+    const uint32_t  kv_size;
+    const bool      v_trans; // the cache's V is transposed (flash attention off): restored V is returned that way
+
+    int32_t  start_layer  = 0;
+    int32_t  n_pairs      = 0;
+    uint32_t n_stage      = 0; // staging capacity: max(window, n_ubatch)
+    uint32_t n_retain_max = 0; // retention capacity: ceil(gamma * kv_size)
+    uint32_t n_slots      = 0; // n_stage + n_retain_max
+    uint32_t n_rows       = 0; // rows of the exact-slot tensors: n_slots + 1, padded to 256
+
+    std::vector<pool>    pools;
+    std::vector<int32_t> pool_of;  // [il * 2 + kind] -> pool index, -1 if not merged
+
+    // shared by all pools: which cells are staged or merged, and the staging order
+    std::vector<uint8_t>  staged;
+    std::vector<uint8_t>  merged;
+    std::vector<uint64_t> stage_seq;
+    uint64_t              stage_counter = 0;
+
+    uint32_t n_staged_cur = 0;
+    uint32_t n_merged_cur = 0;
+
+    ggml_type type_of(int kind) const { return kind == KIND_K ? type_k : type_v; }
+
+    // V directions and exact rows are stored transposed: the attention sums over cells and slots
+    bool dir_trans(const pool & p) const { return p.kind == KIND_V; }
+
+    void release_cell(uint32_t c);
+    int32_t take_slot(pool & p, uint32_t c); // -1 when the pool has no free slot
+    void free_slot(pool & p, int32_t s);
+    // the norm tensors' value of cell c: its norm if it has no slot (read as dir * norm), else 0
+    void sync_norm(pool & p, uint32_t c) const;
+    // one row of dir (index: cell) or rows[x] (index: slot), stored transposed for V
+    void write_vec(const pool & p, ggml_tensor * t, uint32_t idx, const uint8_t * row) const;
+    void read_vec (const pool & p, ggml_tensor * t, uint32_t idx, uint8_t * row) const;
+    void merge_cells(const std::vector<uint32_t> & cells_to_merge);
+    // restored merged part of layer a of an aligned pool: cur [n_embd, n] * R^T
+    ggml_tensor * unrotate(ggml_context * ctx, const pool & p, ggml_tensor * cur) const;
+    std::vector<int32_t> layout_desc() const;
+    // keep the most distinct merged cells of a pool in their slots, free the others
+    void retain(pool & p);
+};
+
+// llama_model::create_memory() takes the params armed on this thread (llama_minicache_set_pending)
+// with this scope and hands them only to the plain llama_kv_cache it builds (arm() right before
+// constructing it): never to a cache nested in another memory type. finish() refuses a memory
+// that did not take them (throws after deleting mem), so armed params are never silently dropped.
+struct llama_minicache_memory_scope {
+    llama_minicache_memory_scope();
+    ~llama_minicache_memory_scope();
+
+    void arm();
+    llama_memory_i * finish(llama_memory_i * mem);
+
+    bool                   pending = false;
+    llama_minicache_config config;
+};
+
+// remember why MiniCache was refused (read by llama_minicache_last_error)
+void llama_minicache_set_error(const std::string & msg);
+
+// whether a memory module is a KV cache with merged layers (its ubatches need the host merge step)
+bool llama_minicache_active(llama_memory_i * mem);
