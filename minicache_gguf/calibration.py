@@ -344,6 +344,15 @@ def load_calibration(path, model: Optional[ModelInfo] = None) -> Calibration:
     except Exception as e:  # the gguf reader raises ValueError/IndexError/struct errors on damaged files
         raise CalibrationError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
                                "it is damaged or truncated — calibrate again") from None
+    try:
+        return _read_calibration(reader, path, model)
+    except CalibrationError:
+        raise
+    except Exception as e:  # a field of the wrong type or shape, a non-JSON settings string, ...
+        raise CalibrationError(f"{path}: damaged calibration file ({type(e).__name__}: {e}) — calibrate again") from None
+
+
+def _read_calibration(reader, path: Path, model: Optional[ModelInfo]) -> Calibration:
     arch = _field(reader, "general.architecture", path)
     if arch != GGUF_ARCH:
         raise CalibrationError(f"{path}: a GGUF file of architecture {arch!r}, not a MiniCache calibration "
@@ -390,11 +399,18 @@ def load_calibration(path, model: Optional[ModelInfo] = None) -> Calibration:
                                        f"{int(np.prod(want_shape))} ({form} form, shape {want_shape})")
             digest.update(f"{kind}{layer}".encode())
             digest.update(r.tobytes())
+            other = next((q for q in pairs if q.kind == kind and abs(q.layer - layer) <= 1), None)
+            if other is not None:
+                raise CalibrationError(f"{path}: {kind.upper()} pairs ({other.layer}, {other.layer + 1}) and ({layer}, "
+                                       f"{layer + 1}) overlap: each layer is merged at most once per kind")
             pairs.append(PairSpec(kind, layer, form, r))
     if digest.hexdigest() != _field(reader, "minicache.rotations.sha256", path):
         raise CalibrationError(f"{path}: the rotations do not match their recorded sha256: the file is damaged "
                                "or was edited — calibrate again")
     for q in pairs:
+        if not np.isfinite(q.r).all():
+            raise CalibrationError(f"{path}: rotation of {q.kind.upper()} pair ({q.layer}, {q.layer + 1}) holds "
+                                   "non-finite values (NaN or Inf)")
         blocks = q.r[None] if form == "full" else q.r
         err = max(float(np.abs(b @ b.T - np.eye(b.shape[0])).max()) for b in blocks)
         if not np.isfinite(err) or err > 1e-3:

@@ -244,17 +244,36 @@ def get_pairs(ctx_ptr: int) -> list[PairSpec]:
 
 def get_rows(ctx_ptr: int, layer: int, kind: str, c0: int, n: int, n_embd: int) -> np.ndarray:
     """Restored K or V rows [n, n_embd] float32 of cells [c0, c0 + n) of a layer (merged or not)."""
-    out = np.empty((n, n_embd), dtype=np.float32)
-    got = load().llama_minicache_get_rows(_ctx(ctx_ptr), layer, KINDS[kind], c0, n, _ffi.cast("float *", out.ctypes.data))
-    if got < 0:
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not valid: expected 'k' or 'v'")
+    for name, v in (("layer", layer), ("c0", c0), ("n", n), ("n_embd", n_embd)):
+        if not (isinstance(v, (int, np.integer)) and 0 <= v < 2**31):
+            raise ValueError(f"{name}={v!r} is not valid: expected an integer in [0, 2^31)")
+    lib = load()
+    # the engine writes n rows of the layer's real width: ask for it (n = 0 writes nothing) before allocating
+    width = lib.llama_minicache_get_rows(_ctx(ctx_ptr), layer, KINDS[kind], c0, 0, _ffi.cast("float *", _ffi.new("float[1]")))
+    if width < 0:
+        raise ValueError(f"cannot read {kind.upper()} rows of layer {layer}, cells [{c0}, {c0 + n}): no such layer, "
+                         "cells out of range, or a quantized layer")
+    if width != n_embd:
+        raise ValueError(f"layer {layer} {kind.upper()} rows are {width} wide, not {n_embd}")
+    out = np.empty((n, width), dtype=np.float32)
+    got = lib.llama_minicache_get_rows(_ctx(ctx_ptr), layer, KINDS[kind], c0, n, _ffi.cast("float *", out.ctypes.data))
+    if got != width:
         raise ValueError(f"cannot read {kind.upper()} rows of layer {layer}, cells [{c0}, {c0 + n})")
-    if got != n_embd:
-        raise ValueError(f"layer {layer} {kind.upper()} rows are {got} wide, not {n_embd}")
     return out
 
 
 def get_cells(ctx_ptr: int, layer: int, kind: str, c0: int, n: int):
     """(state uint8 [n], dist float32 [n]) of cells in the pool holding a merged layer/kind."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not valid: expected 'k' or 'v'")
+    for name, v in (("layer", layer), ("c0", c0), ("n", n)):
+        if not (isinstance(v, (int, np.integer)) and 0 <= v < 2**31):
+            raise ValueError(f"{name}={v!r} is not valid: expected an integer in [0, 2^31)")
+    stats = get_stats(ctx_ptr)
+    if stats is None or c0 + n > stats.n_ctx:
+        raise ValueError(f"cells [{c0}, {c0 + n}) are out of range (the cache has {stats.n_ctx if stats else 0} cells)")
     state = np.zeros(n, dtype=np.uint8)
     dist = np.zeros(n, dtype=np.float32)
     rc = load().llama_minicache_get_cells(_ctx(ctx_ptr), layer, KINDS[kind], c0, n,

@@ -83,6 +83,9 @@ def parse_seq_state(blob: bytes) -> SeqState:
     if n_stream != 1:
         raise KvStateError(f"n_stream={n_stream}: only single-stream KV states are supported")
     n = r.u32()
+    if 8 * n > len(r.b) - r.o:  # each cell takes at least 8 bytes (pos, n_seq_id)
+        raise KvStateError(f"KV state blob truncated: {n} cells need at least {8 * n} more bytes, "
+                           f"{len(r.b) - r.o} are left")
     pos = np.empty(n, dtype=np.int32)
     seq_ids = []
     for i in range(n):
@@ -118,6 +121,8 @@ def parse_seq_state(blob: bytes) -> SeqState:
             st.v.append(np.frombuffer(r.take(el * ne * n), dtype=dt).reshape(ne, n).T.copy())
         else:
             row = r.u64()
+            if row % dt.itemsize:
+                raise KvStateError(f"V row of {row} bytes is not a whole number of {dt} elements")
             st.v.append(np.frombuffer(r.take(row * n), dtype=dt).reshape(n, row // dt.itemsize).copy())
     if r.o != len(r.b):
         raise KvStateError(f"{len(r.b) - r.o} trailing bytes after the KV state")

@@ -70,6 +70,14 @@ class Llama(llama_cpp.Llama):
       - model_path defaults to the default model (SmolLM2-135M-Instruct Q4_1);
       - unknown keyword arguments raise TypeError instead of being silently ignored;
       - kv_merge=True | MergeConfig(...) selects MiniCache cross-layer KV merging.
+
+    Cache reuse with merging on: merging is irreversible (tokens that left the window are stored
+    as shared directions), so a cached prefix is only as good as the history that merged it. A
+    call whose prompt continues the cached tokens exactly (a chat's next turn) reuses the cache as
+    it stands. Any other call (the same prompt again, a shorter or a different one, after
+    load_state or from a LlamaRAMCache) is evaluated from scratch and gives exactly what a new
+    Llama gives for that prompt. Stock llama-cpp-python reuses any common prefix; with merging on
+    that would replay tokens merged by a previous call's later tokens and change the output.
     """
 
     def __init__(self, model_path: Optional[Union[str, os.PathLike]] = None, *,
@@ -127,6 +135,34 @@ class Llama(llama_cpp.Llama):
                 f"kv_merge: the memory of this model ({self.metadata.get('general.architecture', '?')}) "
                 "is not a KV cache MiniCache can merge (recurrent or hybrid models)")
 
+    def generate(self, tokens, *args, reset: bool = True, **kwargs):
+        if self.merge_config is not None and reset and self.n_tokens > 0:
+            shared = 0
+            for a, b in zip(self._input_ids, tokens[:-1]):
+                if a != b:
+                    break
+                shared += 1
+            if shared < self.n_tokens:
+                # the cache holds tokens past the shared prefix, and they merged some of it: start over
+                self.reset()
+        yield from super().generate(tokens, *args, reset=reset, **kwargs)
+
+    def eval(self, tokens) -> None:
+        try:
+            super().eval(tokens)
+        except RuntimeError as e:
+            why = self._engine_error()
+            if why:
+                raise RuntimeError(f"{e}: {why}") from e
+            raise
+
+    def _engine_error(self) -> str:
+        if self.merge_config is None:
+            return ""
+        from . import engine
+
+        return engine.last_error()
+
     def kv_stats(self):
         """The KV cache's layout and fill as measured by the engine (engine.KvStats)."""
         from . import engine
@@ -149,11 +185,18 @@ class Llama(llama_cpp.Llama):
         if saved != mine:
             raise ValueError(f"load_state: the state was saved with kv_merge={saved}, this Llama has "
                              f"kv_merge={mine}: a KV state only loads into the same layout")
+        if self.merge_config is not None:
+            from . import engine
+
+            engine.set_pending(None)  # disarms nothing here; clears the engine's last error
         try:
             super().load_state(state)
         except RuntimeError as e:
-            raise RuntimeError("load_state: llama.cpp refused the state: it comes from another model, context "
-                               "or kv_merge layout (see llama.cpp's log)") from e
+            # llama.cpp emptied the cache when it refused the state: so does the wrapper's token count
+            self.n_tokens = 0
+            why = self._engine_error()
+            raise RuntimeError("load_state: llama.cpp refused the state: "
+                               + (why or "it comes from another model, context or kv_merge layout (see llama.cpp's log)")) from e
 
     def close(self) -> None:
         # __init__ may refuse options before the stock constructor ran: nothing to free then

@@ -1121,6 +1121,15 @@ void llama_kv_minicache::state_write(llama_io_write_i & io, const std::vector<ui
 }
 
 void llama_kv_minicache::state_read(llama_io_read_i & io, const llama_kv_cells & kv_cells, const std::vector<uint32_t> & cells) {
+    try {
+        state_read_checked(io, kv_cells, cells);
+    } catch (const std::exception & e) {
+        llama_minicache_set_error(std::string("the KV state was refused: ") + e.what());
+        throw;
+    }
+}
+
+void llama_kv_minicache::state_read_checked(llama_io_read_i & io, const llama_kv_cells & kv_cells, const std::vector<uint32_t> & cells) {
     uint32_t magic, version;
     io.read(&magic,   sizeof(magic));
     io.read(&version, sizeof(version));

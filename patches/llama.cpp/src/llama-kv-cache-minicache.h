@@ -133,6 +133,7 @@ public:
 
     // cells: destination of each saved cell, in order; throws on a state saved with another layout
     void state_read(llama_io_read_i & io, const llama_kv_cells & kv_cells, const std::vector<uint32_t> & cells);
+    void state_read_checked(llama_io_read_i & io, const llama_kv_cells & kv_cells, const std::vector<uint32_t> & cells);
     void state_read_cells(llama_io_read_i & io, const std::vector<uint32_t> & cells);
 
     //
