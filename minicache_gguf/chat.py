@@ -98,10 +98,7 @@ def reply(sess: Session, text: str, out=sys.stdout, err=sys.stderr) -> bool:
         print(f"context full: this turn needs {n_prompt} tokens and the context holds {llm.n_ctx()}. "
               "Type /clear to start a new conversation.", file=err)
         return False
-    held = list(llm.input_ids[:llm.n_tokens])
-    reused = 0
-    while reused < min(len(held), n_prompt) and held[reused] == prompt[reused]:
-        reused += 1
+    reused = llm.reusable_prefix(prompt)
     t0 = time.perf_counter()
     first = None
     pieces = []

@@ -135,16 +135,23 @@ class Llama(llama_cpp.Llama):
                 f"kv_merge: the memory of this model ({self.metadata.get('general.architecture', '?')}) "
                 "is not a KV cache MiniCache can merge (recurrent or hybrid models)")
 
+    def reusable_prefix(self, tokens) -> int:
+        """How many leading tokens of `tokens` the next generate() takes from the cache rather than
+        evaluating (llama-cpp-python keeps the last token to evaluate). With merging on, only an
+        exact continuation of the cached tokens reuses them (see the class docstring)."""
+        shared = 0
+        for a, b in zip(self._input_ids, tokens[:-1]):
+            if a != b:
+                break
+            shared += 1
+        if self.merge_config is not None and shared < self.n_tokens:
+            return 0
+        return shared
+
     def generate(self, tokens, *args, reset: bool = True, **kwargs):
-        if self.merge_config is not None and reset and self.n_tokens > 0:
-            shared = 0
-            for a, b in zip(self._input_ids, tokens[:-1]):
-                if a != b:
-                    break
-                shared += 1
-            if shared < self.n_tokens:
-                # the cache holds tokens past the shared prefix, and they merged some of it: start over
-                self.reset()
+        if self.merge_config is not None and reset and self.n_tokens > 0 and self.reusable_prefix(tokens) == 0:
+            # the cache holds tokens past the shared prefix, and they merged some of it: start over
+            self.reset()
         yield from super().generate(tokens, *args, reset=reset, **kwargs)
 
     def eval(self, tokens) -> None:

@@ -57,8 +57,18 @@ def test_series_applies_in_order_to_pinned_upstream(tmp_path, capsys):
     sdist = b.fetch_sdist()  # cached; sha256 verified again
     assert b.sha256_file(sdist) == _engine.UPSTREAM_SDIST_SHA256
     b.extract_llama_cpp(sdist, tmp_path / "llama.cpp")
+    b.overlay_new_files(tmp_path / "llama.cpp")
     b.apply_patches(tmp_path / "llama.cpp", _engine.patch_series())
     assert "LLAMA_MINICACHE_DIR" in (tmp_path / "llama.cpp" / "src" / "CMakeLists.txt").read_text()
+    # the new files are real sources; the .patch files only edit existing llama.cpp files
+    new = {rel for rel, _ in _engine.overlay_files()}
+    assert new == {"include/llama-minicache.h", "src/llama-kv-cache-minicache.h", "src/llama-kv-cache-minicache.cpp"}
+    for p in _engine.patch_series():
+        assert "--- /dev/null" not in p.read_text(), p.name
+    # overlaying twice would overwrite a file the tree already has: refused, named
+    with pytest.raises(SystemExit):
+        b.overlay_new_files(tmp_path / "llama.cpp")
+    assert "would overwrite llama.cpp's own" in capsys.readouterr().err
     # applying the series twice must fail, naming the patch
     with pytest.raises(SystemExit):
         b.apply_patches(tmp_path / "llama.cpp", _engine.patch_series()[:1])

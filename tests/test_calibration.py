@@ -194,3 +194,40 @@ def test_auto_calibration_is_cached_per_model(model_path, tmp_path, monkeypatch)
     assert [(q.kind, q.layer) for q in again.calibration.pairs] == [(q.kind, q.layer) for q in llm.calibration.pairs]
     out = again.create_completion("The capital of France is", max_tokens=8, temperature=0)
     assert out["choices"][0]["text"].strip()
+
+
+def test_forged_calibrations_with_a_valid_sha256_are_refused(tmp_path, model_path, small_cal):
+    """Anyone can recompute the rotations' sha256: what the file says is checked on its own."""
+    me = ModelInfo.of(model_path)
+    q = small_cal.pairs[0]
+    eye = np.stack([np.eye(q.r.shape[-1], dtype=np.float32)] * q.r.shape[0]) if q.form == "head" else np.eye(q.r.shape[0], dtype=np.float32)
+    nan = eye.copy()
+    nan.flat[0] = np.nan
+    cases = [
+        ([dataclasses.replace(q, r=eye * 1.5)], "is not orthogonal"),
+        ([dataclasses.replace(q, r=nan)], "non-finite values"),
+        ([dataclasses.replace(q, r=eye.reshape(-1)[:-4].copy())], r"has \d+ values, expected"),
+        ([dataclasses.replace(q, layer=14, r=eye), dataclasses.replace(q, layer=15, r=eye)], r"\(14, 15\) and \(15, 16\) overlap"),
+        ([dataclasses.replace(q, layer=29, r=eye)], r"\(29, 30\) is out of range for 30 layers"),
+    ]
+    for i, (pairs, msg) in enumerate(cases):
+        p = dataclasses.replace(small_cal, pairs=pairs).save(tmp_path / f"forged{i}.gguf")
+        with pytest.raises(CalibrationError, match=msg):
+            calibration.load_calibration(p, me)
+
+
+def test_damaged_auto_calibration_is_made_again(model_path, tmp_path, monkeypatch, small_cal, capsys):
+    monkeypatch.setenv("MINICACHE_GGUF_CACHE", str(tmp_path))
+    cfg = MergeConfig(calibration="auto", window=32)
+    info = ModelInfo.of(model_path)
+    path = calibration.auto_calibration_path(info.sha256, cfg.alignment, cfg.t, cfg.gamma, cfg.window, cfg.max_kld)
+    small_cal.save(path)
+    data = bytearray(path.read_bytes())
+    i = data.index(b"minicache.calibration.settings") + len("minicache.calibration.settings") + 4 + 8
+    data[i] = ord("}")  # the settings string is no longer JSON
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: small_cal)
+    pairs, cal = calibration.pairs_for(cfg, model_path, progress=False)
+    assert cal is small_cal and pairs
+    assert "cached calibration unusable" in capsys.readouterr().err
+    assert calibration.load_calibration(path, info).n_tokens == small_cal.n_tokens  # re-made and saved

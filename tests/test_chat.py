@@ -69,9 +69,17 @@ def test_chat_repl_in_a_terminal(cal_file):
     assert c.exitstatus == 0
 
 
-def test_chat_context_full_is_a_message_not_a_crash():
-    c = spawn("--n-ctx", "256", "--no-kv-merge")
-    c.expect("KV: f16, merging off")
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "stock"])
+def test_chat_context_full_is_a_message_not_a_crash(merge, cal_file):
+    if merge:
+        c = spawn("--n-ctx", "256", "--window", "32", "--max-tokens", "120", "--calibration", str(cal_file))
+        c.expect("KV: MiniCache aligned merging on")
+        c.expect(">>> ")
+        c.sendline("Tell me a long story about a lighthouse keeper.")  # fills the window: tokens are merged
+        c.expect("\\[prompt .*\\]", timeout=300)
+    else:
+        c = spawn("--n-ctx", "256", "--no-kv-merge")
+        c.expect("KV: f16, merging off")
     c.expect(">>> ")
     c.sendline("Please repeat this sentence many times. " * 40)
     c.expect("context full: this turn needs \\d+ tokens and the context holds 256. Type /clear")

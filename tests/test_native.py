@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -83,6 +85,39 @@ def test_cdef_mirrors_header():
     assert len(declared) >= 13
     bound = {name for name in declared if f"{name}(" in native.CDEF}
     assert bound == declared, f"not mirrored in native.CDEF: {declared - bound}"
+    assert _structs(native.CDEF) == {k: v for k, v in _structs((ROOT / "native" / "minicache.h").read_text()).items()
+                                     if k in _structs(native.CDEF)}
+
+
+def _structs(text: str) -> dict:
+    """struct name -> [(type, field), ...] in order, from C declarations (comments dropped)."""
+    text = re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
+    out = {}
+    for name, body in re.findall(r"struct\s+(\w+)\s*\{([^}]*)\}", text):
+        fields = []
+        for decl in body.split(";"):
+            decl = " ".join(decl.split())
+            if decl:
+                typ, _, field = decl.rpartition(" ")
+                fields.append((typ.replace(" *", "*") + "*" * field.count("*"), field.lstrip("*")))
+        out[name] = fields
+    return out
+
+
+def test_engine_cdef_mirrors_the_engine_header():
+    """The cffi mirror of include/llama-minicache.h: every function, every struct field (name, type,
+    order) and every enum value as in the header."""
+    from minicache_gguf import engine
+
+    header = (ROOT / "patches" / "llama.cpp" / "include" / "llama-minicache.h").read_text()
+    funcs = set(re.findall(r"LLAMA_API\s+[\w\s\*]+?\b(llama_minicache_\w+)\s*\(", header))
+    assert len(funcs) >= 7
+    assert {f for f in funcs if f"{f}(" in engine.CDEF} == funcs
+    want, got = _structs(header), _structs(engine.CDEF)
+    assert len(want) == 3  # pair, params, stats: a parse that finds nothing fails
+    assert set(got) == set(want) and got == want, (got, want)
+    enum = lambda t: dict(re.findall(r"(LLAMA_MINICACHE_\w+)\s*=\s*(\d+)", re.sub(r"//[^\n]*", "", t)))
+    assert enum(engine.CDEF) == enum(header)
 
 
 def test_core_comes_from_patched_libllama():

@@ -27,22 +27,24 @@ def test_analyze_writes_table_json_and_plot(tmp_path, capsys):
 
 
 def test_eval_small_run(tmp_path, capsys):
-    rc = cli.main(["eval", "--ctx", "128,256", "--rows", "q8_0,paper-w256", "--calibration-head", "none",
+    rc = cli.main(["eval", "--ctx", "128,256", "--rows", "q8_0,paper-w32", "--window", "32", "--calibration-head", "none",
                    "--calibration-full", "none", "--passkey-ctx", "256", "--no-progress", "-o", str(tmp_path)])
     assert rc == 0
     md = capsys.readouterr().out
     assert "### context 256" in md and "### passkey retrieval at context 256" in md
     res = json.loads((tmp_path / "eval.json").read_text())
     rows = {r["name"]: r for r in res["rows"]}
-    assert list(rows) == ["f16", "q8_0", "paper-w256"]
+    assert list(rows) == ["f16", "q8_0", "paper-w32"]
     f16, q8 = rows["f16"], rows["q8_0"]
     for c in ("128", "256"):
         assert f16["quality"][c]["kld_mean"] == 0 and f16["quality"][c]["top1"] == 1
         assert q8["quality"][c]["kld_mean"] > 0 and q8["quality"][c]["scored_tokens"] == int(c) // 2 - 1
         # bytes the engine allocated: q8_0 packs 32 values in 34 bytes
         assert q8["kv_bytes_per_token"][c] == pytest.approx(f16["kv_bytes_per_token"][c] * 34 / 64, rel=0.01)
-    # the window (256) covers these contexts: nothing is merged, the merged cache is exact
-    assert rows["paper-w256"]["quality"]["256"]["kld_mean"] == pytest.approx(0, abs=1e-6)
+    # a window of 32 tokens: most of each context is merged, and the paper's merge costs quality
+    paper = rows["paper-w32"]
+    for c in ("128", "256"):
+        assert paper["quality"][c]["kld_mean"] > q8["quality"][c]["kld_mean"] > 0
     assert len(f16["passkey"]["trials"]) == 5 and 0 <= f16["passkey"]["accuracy"] <= 1
     assert (tmp_path / "eval.png").read_bytes()[:8] == PNG and (tmp_path / "eval.md").read_text().strip() == md.strip()
 

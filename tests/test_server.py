@@ -75,7 +75,10 @@ def test_streaming(server):
     assert len(chunks) > 3 and text.strip()
 
 
-def test_two_concurrent_clients(server):
+def test_two_concurrent_clients_are_both_answered(server):
+    """Two clients at once both get a full answer. llama-cpp-python's server serializes requests
+    with a lock (one merged cache, one sequence): this shows they queue and neither fails, not that
+    they run in parallel."""
     base, _ = server
     res = {}
 
