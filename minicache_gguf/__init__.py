@@ -4,14 +4,22 @@
 
 `Llama` is imported lazily (it loads the patched engine), so the config, the NumPy reference
 and the build helpers work before the engine is built.
+
+Layers (each imports only from the layers before it; tests/test_layers.py checks):
+  plain values   _version, _engine, reference, kvstate, corpus, report, config, native, model, layout
+  engine         engine (cffi mirror of include/llama-minicache.h), alignment, calfile
+  internals      _internals (the only code touching llama-cpp-python's private attributes), metrics
+  calibration    calibrate, validate
+  wrapper        llama (Llama)
+  tools          analyze, bench, evaluate, generate
+  surfaces       chat, server, cli
 """
 
 from __future__ import annotations
 
+from ._version import __version__
 from .config import ConfigError, MergeConfig
 from .model import default_model_path
-
-__version__ = "0.1.0"
 
 __all__ = ["Llama", "MergeConfig", "ConfigError", "default_model_path", "__version__"]
 

@@ -7,39 +7,40 @@ from pathlib import Path
 
 import numpy as np
 
-from . import calibration, corpus, report
+from . import _internals, corpus, report
+from .alignment import cosine, fit_rotation, full_matrix
+from .llama import Llama
+from .model import ModelInfo
 
 
 def analyze(model_path, *, tokens: int = 2048, text: str | None = None, progress: bool = True) -> dict:
     """Cosine similarity of every adjacent pair's K and V rows (whole rows and per KV head; mean
     and 5th percentile), raw and aligned. Rotations are fitted on the first half of the tokens and
     measured on the second half."""
-    from .llama import Llama
-
     if not (isinstance(tokens, int) and tokens >= 128):
         raise ValueError(f"tokens={tokens!r} is not valid: expected an integer >= 128")
-    info = calibration.ModelInfo.of(model_path)
+    info = ModelInfo.of(model_path)
     llm = Llama(model_path, n_ctx=tokens, flash_attn=True, verbose=False)
     try:
         toks = corpus.tokens_for(llm, corpus.builtin_text("calibration") if text is None else text, tokens, "analysis")
-        st = calibration.capture_kv(llm, toks[:tokens])
+        st = _internals.capture_kv(llm, toks[:tokens])
     finally:
         llm.close()
     half = tokens // 2
     rows = []
     n_pairs = info.n_layer - 1
-    bar = calibration._progress(2 * n_pairs, "analyze", progress)
+    bar = report.progress(2 * n_pairs, "analyze", progress)
     for kind, data in (("k", st.k), ("v", st.v)):
         for a in range(n_pairs):
             x0, x1 = data[a].astype(np.float32), data[a + 1].astype(np.float32)
-            r_full = calibration.fit_rotation(x0[:half], x1[:half], "full", info.n_head_kv)
-            r_head = calibration.full_matrix("head", calibration.fit_rotation(x0[:half], x1[:half], "head", info.n_head_kv))
+            r_full = fit_rotation(x0[:half], x1[:half], "full", info.n_head_kv)
+            r_head = full_matrix("head", fit_rotation(x0[:half], x1[:half], "head", info.n_head_kv))
             h0, h1 = x0[half:], x1[half:]
             stats = {}
-            for name, c in (("row_raw", calibration.cosine(h0, h1)),
-                            ("row_aligned", calibration.cosine(h0 @ r_full, h1)),
-                            ("head_raw", calibration.cosine(h0, h1, info.n_head_kv)),
-                            ("head_aligned", calibration.cosine(h0 @ r_head, h1, info.n_head_kv))):
+            for name, c in (("row_raw", cosine(h0, h1)),
+                            ("row_aligned", cosine(h0 @ r_full, h1)),
+                            ("head_raw", cosine(h0, h1, info.n_head_kv)),
+                            ("head_aligned", cosine(h0 @ r_head, h1, info.n_head_kv))):
                 stats[name] = {"mean": float(c.mean()), "p5": float(np.percentile(c, 5))}
             rows.append({"kind": kind, "pair": [a, a + 1], **stats})
             if bar:

@@ -14,23 +14,15 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from . import calibration, corpus, report
-from .config import MergeConfig
+from . import corpus, report
+from .config import BENCH_MODES, MergeConfig, kv_modes
+from .llama import Llama
+from .model import ModelInfo
 
 
-def modes(cal_files: dict, names=None) -> dict:
-    from .llama import llama_cpp
-
-    q8 = llama_cpp.GGML_TYPE_Q8_0
-    out = {"f16": {}, "q8_0": dict(type_k=q8, type_v=q8), "paper": dict(kv_merge=MergeConfig())}
-    for form, f in cal_files.items():
-        out[f"aligned-{form}"] = dict(kv_merge=MergeConfig(calibration=f))
-    if names:
-        bad = [n for n in names if n not in out]
-        if bad:
-            raise ValueError(f"mode(s) {', '.join(map(repr, bad))} not valid: expected some of {', '.join(out)}")
-        out = {k: v for k, v in out.items() if k in names}
-    return out
+def modes(cal_files: dict, names=None, window: int = MergeConfig.window) -> dict:
+    """name -> Llama options of each KV mode to bench (config.kv_modes; unknown names are a ValueError)."""
+    return {m.name: m.llama_kwargs() for m in kv_modes(window, cal_files, names or BENCH_MODES)}
 
 
 def prefill_decode(llm, toks, n_prefill: int, n_decode: int) -> tuple[float, float]:
@@ -45,8 +37,6 @@ def prefill_decode(llm, toks, n_prefill: int, n_decode: int) -> tuple[float, flo
 
 
 def _one(model, kw, n_ctx, toks, n_decode, threads):
-    from .llama import Llama
-
     llm = Llama(model, n_ctx=n_ctx, flash_attn=True, n_threads=threads, n_threads_batch=threads, verbose=False, **kw)
     try:
         p, d = prefill_decode(llm, toks, n_ctx - n_decode - 8, n_decode)
@@ -56,8 +46,6 @@ def _one(model, kw, n_ctx, toks, n_decode, threads):
 
 
 def kv_bytes(model, kw, n_ctx) -> int:
-    from .llama import Llama
-
     llm = Llama(model, n_ctx=n_ctx, flash_attn=True, verbose=False, **kw)
     try:
         return llm.kv_stats().kv_bytes
@@ -84,8 +72,6 @@ def largest_context(model, kw, budget: int, lo: int = 256) -> int:
 
 def run(model, *, ctxs=(1024, 4096, 8192), mode_kw: dict, n_decode: int = 32, reps: int = 1,
         budget_mib: float = 64.0, threads: Optional[int] = None, progress: bool = True) -> dict:
-    from .llama import Llama
-
     ctxs = sorted(set(int(c) for c in ctxs))
     if not ctxs or ctxs[0] < n_decode + 64:
         raise ValueError(f"context lengths {ctxs} are not valid: expected integers >= {n_decode + 64}")
@@ -96,7 +82,7 @@ def run(model, *, ctxs=(1024, 4096, 8192), mode_kw: dict, n_decode: int = 32, re
     threads = threads or os.cpu_count() or 1
     vocab = Llama(model, n_ctx=64, vocab_only=True, verbose=False)
     toks = corpus.tokens_for(vocab, corpus.builtin_text("eval"), max(ctxs), "benchmark")
-    bar = calibration._progress(len(ctxs) * reps * len(mode_kw) + len(mode_kw), "bench", progress)
+    bar = report.progress(len(ctxs) * reps * len(mode_kw) + len(mode_kw), "bench", progress)
     _one(model, next(iter(mode_kw.values())), ctxs[0], toks, n_decode, threads)  # warm-up: page the model in
     res = {m: {"by_ctx": {}} for m in mode_kw}
     for c in ctxs:
@@ -120,7 +106,7 @@ def run(model, *, ctxs=(1024, 4096, 8192), mode_kw: dict, n_decode: int = 32, re
         for c, r in res[m]["by_ctx"].items():
             ref = res["f16"]["by_ctx"][c] if "f16" in res else r
             r["vs_f16"] = {k: r[k] / ref[k] for k in ("kv_bytes", "prefill_tok_s", "decode_tok_s")}
-    info = calibration.ModelInfo.of(model)
+    info = ModelInfo.of(model)
     return {"model": {"name": info.name, "sha256": info.sha256, "path": str(model)},
             "settings": {"ctx": ctxs, "n_decode": n_decode, "reps": reps, "budget_mib": budget_mib, "threads": threads,
                          "flash_attn": True, "modes": {m: {k: (v.to_dict() if isinstance(v, MergeConfig) else v)

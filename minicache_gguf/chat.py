@@ -6,10 +6,18 @@ history, and llama-cpp-python evaluates only the tokens after the longest prefix
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import _engine, _internals
+
+#: messages kept in the line-editing history (across runs, like ollama's ~/.ollama/history)
+HISTORY_LINES = 1000
+HISTORY_ENV = "MINICACHE_GGUF_CHAT_HISTORY"
 
 HELP = """Available commands:
   /set temperature <x>   sampling temperature (0 = greedy)
@@ -151,8 +159,8 @@ def prompt_tokens(llm, msgs) -> list[int]:
     tmpl = llm.metadata.get("tokenizer.chat_template")
     if not tmpl:
         return llm.tokenize("\n".join(m["content"] for m in msgs).encode())
-    eos = llm._model.token_get_text(llm.token_eos())
-    bos = llm._model.token_get_text(llm.token_bos())
+    eos = _internals.token_text(llm, llm.token_eos())
+    bos = _internals.token_text(llm, llm.token_bos())
     res = Jinja2ChatFormatter(template=tmpl, eos_token=eos, bos_token=bos)(messages=msgs)
     return llm.tokenize(res.prompt.encode("utf-8"), add_bos=not res.added_special, special=True)
 
@@ -196,7 +204,39 @@ def keep_sigint_on_main_thread(llm) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+def history_path() -> Path:
+    """Where the chat keeps its input history ($MINICACHE_GGUF_CHAT_HISTORY overrides)."""
+    return Path(os.environ.get(HISTORY_ENV) or _engine.cache_dir() / "chat_history")
+
+
+def line_editing(path: Path) -> bool:
+    """Line editing (arrows, Ctrl-A/E, ...) and history (up/down recall earlier messages, kept in
+    `path` across runs) for input(), through GNU readline where Python has it."""
+    try:
+        import readline
+    except ImportError:  # e.g. a Python built without readline: plain input still works
+        return False
+    import atexit
+
+    readline.set_history_length(HISTORY_LINES)
+    try:
+        readline.read_history_file(str(path))
+    except OSError:
+        pass
+
+    def save():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(str(path))
+        except OSError:
+            pass
+
+    atexit.register(save)
+    return True
+
+
 def repl(sess: Session, model_path, out=sys.stdout, err=sys.stderr) -> int:
+    line_editing(history_path())
     if _main_thread():
         # an interactive session takes Ctrl-C even when started with SIGINT ignored (a background
         # job of a non-interactive shell inherits SIG_IGN, which Python then keeps)

@@ -1,15 +1,18 @@
-"""`minicache-gguf` command line.
+"""`minicache-gguf` command line: parses and dispatches, nothing else.
 
 Subcommands: info, model, generate, chat, serve, bench, analyze, calibrate, eval.
+The merge options are derived from MergeConfig's fields (their defaults and help live there).
 Errors print as one line (exit 2 for usage, 1 otherwise); --debug shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-import time
+
+from .config import BENCH_MODES, MergeConfig
 
 EXAMPLES = """examples:
   minicache-gguf info                          engine build, native core, default model
@@ -18,6 +21,7 @@ EXAMPLES = """examples:
   minicache-gguf generate -m model.gguf --raw -p "def fib(n):" --temp 0
   minicache-gguf generate --kv-merge --window 64 -p "Tell me a story." -n 256
   minicache-gguf generate --kv-merge --calibration auto -p "Tell me a story."
+  minicache-gguf generate --kv-merge --calibration auto --n-ctx 8192 --doc builtin -p "What is this about?"
   minicache-gguf chat                            terminal chat on the default model (/? for help)
   minicache-gguf chat --calibration auto -p "Hi"   one reply with aligned merging, then exit
   minicache-gguf serve --kv_merge true --kv_calibration auto --n_ctx 8192 --port 8000
@@ -26,6 +30,27 @@ EXAMPLES = """examples:
   minicache-gguf calibrate -o smollm2.gguf       fit rotations, select pairs under a KLD budget
   minicache-gguf eval --ctx 1024,4096 -o out/    PPL, KLD, top-1, passkey and KV bytes per mode
 """
+
+
+_MERGE_FIELDS = {f.name: f for f in dataclasses.fields(MergeConfig)}
+
+
+def add_merge_arguments(g, names) -> None:
+    """--<field> for MergeConfig fields: type, default and help from MergeConfig (flags left unset
+    keep MergeConfig's default)."""
+    for name in names:
+        f = _MERGE_FIELDS[name]
+        typ = {"start_layer": int, "calibration": str}.get(name, type(f.default))
+        default = "n_layer / 2" if name == "start_layer" else f.default
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
+                       help=f"{f.metadata['help']} (default {default})")
+
+
+def merge_config(args, names, **fixed) -> MergeConfig:
+    """The MergeConfig of the merge flags given (unset flags: MergeConfig's defaults)."""
+    kw = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    kw.update(fixed)
+    return MergeConfig(**kw)
 
 
 def _cmd_info(args) -> int:
@@ -50,57 +75,18 @@ def _cmd_model(args) -> int:
     return 0
 
 
+GENERATE_MERGE = ("start_layer", "t", "gamma", "window", "calibration", "alignment")
+
+
 def _cmd_generate(args) -> int:
-    from .config import MergeConfig
+    from . import generate
     from .llama import Llama
 
-    kv_merge = False
-    if args.kv_merge:
-        kv_merge = MergeConfig(start_layer=args.start_layer, t=args.t, gamma=args.gamma, window=args.window,
-                               calibration=args.calibration, alignment=args.alignment)
+    kv_merge = merge_config(args, GENERATE_MERGE) if args.kv_merge else False
     llm = Llama(args.model, n_ctx=args.n_ctx, n_ubatch=args.n_ubatch, seed=args.seed, verbose=args.verbose,
                 kv_merge=kv_merge)
-    t0 = time.perf_counter()
-    first = None
-    n_prompt = 0
-    n_gen = 0
-    if args.raw:
-        stream = llm.create_completion(args.prompt, max_tokens=args.n, temperature=args.temp, stream=True)
-        pieces = (c["choices"][0]["text"] for c in stream)
-    else:
-        stream = llm.create_chat_completion(
-            [{"role": "user", "content": args.prompt}], max_tokens=args.n, temperature=args.temp, stream=True)
-        pieces = (c["choices"][0]["delta"].get("content", "") for c in stream)
-    for piece in pieces:
-        if first is None:
-            first = time.perf_counter()
-            n_prompt = llm.n_tokens  # the prompt is evaluated before the first token is yielded
-        if piece:
-            n_gen += 1
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    t1 = time.perf_counter()
-    sys.stdout.write("\n")
-    summary = {
-        "prompt_tokens": n_prompt,
-        "generated_tokens": n_gen,
-        "prompt_s": round((first or t1) - t0, 3),
-        # tokens after the first, over the time after the first (the first one includes the prompt)
-        "generate_tok_per_s": round((n_gen - 1) / (t1 - first), 1) if n_gen > 1 and t1 > first else None,
-    }
-    kv = llm.kv_stats()
-    summary["kv"] = {"kv_merge": bool(kv_merge), "kv_bytes": kv.kv_bytes, "kv_bytes_dense": kv.kv_bytes_dense,
-                     "tokens_merged": kv.tokens_merged, "tokens_retained": kv.tokens_retained}
-    if args.json:
-        print(json.dumps(summary), file=sys.stderr)
-    else:
-        mib = 1 << 20
-        kv_line = (f"KV {kv.kv_bytes / mib:.1f} MiB vs {kv.kv_bytes_dense / mib:.1f} MiB dense ({kv.ratio:.2f}x), "
-                   f"{kv.tokens_merged} of {kv.tokens} tokens merged in {kv.merged_pools} (layer pair, K/V) pools"
-                   f"{f', {kv.aligned_pools} aligned' if kv.aligned_pools else ''}"
-                   if kv_merge else f"KV {kv.kv_bytes / mib:.1f} MiB, kv_merge off")
-        print(f"[prompt {n_prompt} tok in {summary['prompt_s']} s | generation {summary['generate_tok_per_s']} tok/s | {kv_line}]",
-              file=sys.stderr)
+    summary = generate.run(llm, args.prompt, n=args.n, temp=args.temp, raw=args.raw, doc=args.doc)
+    print(json.dumps(summary) if args.json else generate.summary_line(summary), file=sys.stderr)
     return 0
 
 
@@ -117,22 +103,22 @@ def _text(args):
 
 
 def _cmd_chat(args) -> int:
-    from . import calibration, chat
-    from .config import MergeConfig
+    from . import chat
+    from .calfile import find_auto
     from .llama import Llama
+    from .model import ModelInfo
 
     model = _model(args)
-    cal = args.calibration
+    cfg = merge_config(args, ("calibration", "window"))
     why = ""
-    if cal is None and not args.no_kv_merge:
-        # merging is on by default where a calibration for this model exists (made with the defaults)
-        info = calibration.ModelInfo.of(model)
-        p = calibration.auto_calibration_path(info.sha256, "head", 0.6, 0.05, 256, calibration.DEFAULT_MAX_KLD)
-        if p.is_file():
-            cal = str(p)
+    if cfg.calibration is None and not args.no_kv_merge:
+        # merging is on by default where a calibration for this model exists (shipped or cached)
+        found = find_auto(ModelInfo.of(model), dataclasses.replace(cfg, calibration="auto"))
+        if found is not None:
+            cfg = dataclasses.replace(cfg, calibration=str(found))
         else:
             why = " (no calibration for this model yet: --calibration auto makes one)"
-    kv_merge = False if args.no_kv_merge or cal is None else MergeConfig(calibration=cal, window=args.window)
+    kv_merge = False if args.no_kv_merge or cfg.calibration is None else cfg
     llm = Llama(model, n_ctx=args.n_ctx, seed=args.seed, verbose=args.verbose, kv_merge=kv_merge)
     if kv_merge:
         describe = f"MiniCache aligned merging on: {llm.calibration.describe()}"
@@ -181,8 +167,9 @@ def _ctx_list(text: str) -> list[int]:
         raise ValueError(f"--ctx {text!r} is not valid: expected comma-separated integers, e.g. 1024,4096") from None
 
 
-def _auto_calibrations(args, model, forms, window=256) -> dict:
-    from . import calibration
+def _auto_calibrations(args, model, forms, window=MergeConfig.window) -> dict:
+    """form -> calibration file of --calibration-<form> (a file, 'auto' or 'none')."""
+    from .calibrate import auto_calibration
 
     out = {}
     for form in forms:
@@ -190,11 +177,7 @@ def _auto_calibrations(args, model, forms, window=256) -> dict:
         if f == "none":
             continue
         if f == "auto":
-            info = calibration.ModelInfo.of(model)
-            f = calibration.auto_calibration_path(info.sha256, form, 0.6, 0.05, window, calibration.DEFAULT_MAX_KLD)
-            if not f.is_file():
-                print(f"calibrating {form} alignment first (cached in {f})", file=sys.stderr)
-                calibration.calibrate(model, form=form, window=window, progress=not args.no_progress).save(f)
+            f = auto_calibration(model, MergeConfig(alignment=form, window=window), progress=not args.no_progress).path
         out[form] = f
     return out
 
@@ -206,7 +189,7 @@ def _cmd_bench(args) -> int:
     names = args.modes.split(",") if args.modes else None
     bench.modes({"head": None, "full": None}, names)  # validates the names before any work
     model = _model(args)
-    forms = [f for f in ("head", "full") if not names or f"aligned-{f}" in names]
+    forms = [f for f in ("head", "full") if any(n.startswith(f"aligned-{f}") for n in names or BENCH_MODES)]
     mode_kw = bench.modes(_auto_calibrations(args, model, forms), names)
     res = bench.run(model, ctxs=ctxs, mode_kw=mode_kw, n_decode=args.decode, reps=args.reps,
                     budget_mib=args.budget_mib, threads=args.threads, progress=not args.no_progress)
@@ -223,9 +206,9 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from . import calibration
+    from . import calibrate
 
-    cal = calibration.calibrate(_model(args), form=args.form, max_kld=args.max_kld, t=args.t, gamma=args.gamma,
+    cal = calibrate.calibrate(_model(args), form=args.form, max_kld=args.max_kld, t=args.t, gamma=args.gamma,
                                 window=args.window, fit_tokens=args.tokens, context=args.context, scored=args.scored,
                                 text=_text(args), layout=args.layout, kinds=args.kinds, progress=not args.no_progress)
     path = cal.save(args.output)
@@ -283,14 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the timing summary as JSON")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     p.add_argument("--n-ubatch", type=int, default=512, help="physical batch size (default 512; the staging pool holds one)")
+    p.add_argument("--doc", default=None, metavar="FILE|builtin",
+                   help="a document the prompt is about, put before it (builtin: ~5000 tokens of Python's documentation)")
     g = p.add_argument_group("kv merging (MiniCache)")
     g.add_argument("--kv-merge", action="store_true", help="merge adjacent layer pairs of the KV cache")
-    g.add_argument("--start-layer", type=int, default=None, help="first merged layer (default: n_layer / 2)")
-    g.add_argument("--t", type=float, default=0.6, help="SLERP parameter in [0, 1] (default 0.6)")
-    g.add_argument("--gamma", type=float, default=0.05, help="retention fraction in [0, 1] (default 0.05)")
-    g.add_argument("--window", type=int, default=256, help="recent tokens kept exact (default 256)")
-    g.add_argument("--calibration", default=None, help="calibration file, or 'auto' (calibrate once, cached per model)")
-    g.add_argument("--alignment", default="head", choices=("head", "full"), help="rotation form of --calibration auto")
+    add_merge_arguments(g, GENERATE_MERGE)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("chat", help="terminal chat (streams; keeps the conversation in the KV cache; /? for help)",
@@ -306,9 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     g = p.add_argument_group("kv merging (on by default when a calibration for the model exists)")
-    g.add_argument("--calibration", default=None, help="calibration file or 'auto' (calibrate once, cached)")
     g.add_argument("--no-kv-merge", action="store_true", help="merging off")
-    g.add_argument("--window", type=int, default=256, help="recent tokens kept exact (default 256)")
+    add_merge_arguments(g, ("calibration", "window"))
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (llama-cpp-python's) with the merge options",
@@ -323,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("-o", "--output", default=None, help="directory for bench.md, bench.json and bench.png")
     p.add_argument("--ctx", default="1024,4096,8192", help="context lengths (default 1024,4096,8192)")
-    p.add_argument("--modes", default="f16,q8_0,paper,aligned-head",
-                   help="f16, q8_0, paper, aligned-head, aligned-full (default: all but aligned-full)")
+    p.add_argument("--modes", default=None,
+                   help="KV modes, as eval's rows: f16, q8_0, q5_0, q4_0, paper-w<W>, paper-v-w<W>, aligned-head-w<W>, "
+                        f"aligned-full-w<W> and their -w0 variants (default: {','.join(BENCH_MODES)})")
     p.add_argument("--decode", type=int, default=32, help="tokens decoded one at a time (default 32)")
     p.add_argument("--reps", type=int, default=1, help="repetitions, modes back to back (default 1)")
     p.add_argument("--budget-mib", type=float, default=64.0, help="KV memory budget for the largest-context column (default 64)")
@@ -354,13 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     common(p, 2048)
     p.add_argument("-o", "--output", required=True, help="calibration file to write (GGUF)")
-    p.add_argument("--form", default="head", choices=("head", "full"),
+    p.add_argument("--form", default=MergeConfig.alignment, choices=("head", "full"),
                    help="rotation per KV head (default: folds into attention for free) or over whole rows")
-    p.add_argument("--max-kld", type=float, default=0.02,
-                   help="quality budget: mean KLD (nats/token) of the whole selection on held-out calibration tokens (default 0.02)")
-    p.add_argument("--t", type=float, default=0.6, help="SLERP parameter (default 0.6)")
-    p.add_argument("--gamma", type=float, default=0.05, help="retention fraction (default 0.05)")
-    p.add_argument("--window", type=int, default=256, help="recent tokens kept exact while scoring (default 256)")
+    p.add_argument("--max-kld", type=float, default=MergeConfig.max_kld,
+                   help="quality budget: mean KLD (nats/token) of the whole selection on held-out calibration tokens "
+                        f"(default {MergeConfig.max_kld})")
+    p.add_argument("--t", type=float, default=MergeConfig.t, help=f"SLERP parameter (default {MergeConfig.t})")
+    p.add_argument("--gamma", type=float, default=MergeConfig.gamma, help=f"retention fraction (default {MergeConfig.gamma})")
+    p.add_argument("--window", type=int, default=MergeConfig.window,
+                   help=f"recent tokens kept exact while scoring (default {MergeConfig.window})")
     p.add_argument("--context", type=int, default=1024, help="held-out context tokens per score (default 1024)")
     p.add_argument("--scored", type=int, default=128, help="held-out tokens scored after it (default 128)")
     p.add_argument("--kinds", default="kv", choices=("kv", "k", "v"), help="which caches may be merged (default kv)")
@@ -377,9 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", default="512,1024,2048,4096,8192", help="context lengths (default 512,1024,2048,4096,8192)")
     p.add_argument("--chunks", type=int, default=1, help="chunks of text per context length (default 1)")
     p.add_argument("--rows", default=None, help="comma-separated rows (default: all; f16 is always run: the reference)")
-    p.add_argument("--window", type=int, default=256, help="window of the 'w<N>' rows (default 256; 'w0' rows use 1)")
-    p.add_argument("--t", type=float, default=0.6, help="SLERP parameter of the merge rows (default 0.6)")
-    p.add_argument("--gamma", type=float, default=0.05, help="retention fraction of the merge rows (default 0.05)")
+    p.add_argument("--window", type=int, default=MergeConfig.window,
+                   help=f"window of the 'w<N>' rows (default {MergeConfig.window}; 'w0' rows use 1)")
+    p.add_argument("--t", type=float, default=MergeConfig.t, help=f"SLERP parameter of the merge rows (default {MergeConfig.t})")
+    p.add_argument("--gamma", type=float, default=MergeConfig.gamma,
+                   help=f"retention fraction of the merge rows (default {MergeConfig.gamma})")
     p.add_argument("--passkey-ctx", type=int, default=4096, help="passkey context (default 4096; 0: skip)")
     p.add_argument("--passkey-trials", type=int, default=1, help="keys per depth (default 1; depths 0.1..0.9)")
     p.add_argument("--calibration-head", default="auto", help="per-head calibration file, 'auto' (default) or 'none'")

@@ -1,15 +1,21 @@
-"""MergeConfig: every knob of MiniCache cross-layer KV merging, named, typed, validated."""
+"""MergeConfig: every knob of MiniCache cross-layer KV merging, named, typed, validated — the one
+source of their defaults (the CLI flags and the server fields are derived from its fields) — and
+the other plain values the layers above share: PairSpec, the KV modes of bench and eval, ggml's
+KV cache type names."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
+
 from .reference import RETENTION_MODES
 
-__all__ = ["MergeConfig", "ConfigError", "ALIGNMENT_FORMS", "DEFAULT_MAX_KLD"]
+__all__ = ["MergeConfig", "ConfigError", "CalibrationError", "PairSpec", "KvMode", "kv_modes", "GGML_TYPES",
+           "ALIGNMENT_FORMS", "DEFAULT_MAX_KLD"]
 
 #: rotation forms of aligned merging: one R per KV head (folds into attention at no extra cost),
 #: or one R over whole rows (a bit better, 3x the merged layer's attention work when decoding)
@@ -20,6 +26,26 @@ DEFAULT_MAX_KLD = 0.02
 
 class ConfigError(ValueError):
     """An invalid MergeConfig value; the message names the field and what is valid."""
+
+
+class CalibrationError(ValueError):
+    """A calibration file that cannot be used: damaged, forged, or made for another model."""
+
+
+#: ggml's KV cache types by name (llama.cpp's -ctk/-ctv names), as in ggml.h
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """One merged (layer pair, kind): layers `layer` and `layer + 1` of kind "k" or "v", with an
+    optional orthogonal rotation of the lower layer (merged as x @ r, restored as ... @ r.T):
+    form "full": r is [n_embd, n_embd]; form "head": r is [n_head_kv, n_embd_head, n_embd_head]."""
+
+    kind: str
+    layer: int
+    form: Optional[str] = None
+    r: Optional[np.ndarray] = None
 
 
 def _is_int(v) -> bool:
@@ -44,24 +70,25 @@ class MergeConfig:
     """
 
     #: first merged layer S; None = floor(n_layer / 2) (the paper's default)
-    start_layer: Optional[int] = None
+    start_layer: Optional[int] = field(default=None, metadata={"help": "first merged layer (default: n_layer / 2)"})
     #: SLERP parameter in [0, 1]: 0 = the lower layer's direction, 1 = the upper layer's
-    t: float = 0.6
+    t: float = field(default=0.6, metadata={"help": "SLERP parameter in [0, 1]"})
     #: fraction of merged token pairs kept exact (retention), in [0, 1]
-    gamma: float = 0.05
+    gamma: float = field(default=0.05, metadata={"help": "retention fraction in [0, 1]"})
     #: most recent tokens kept exact before they are merged (staging), >= 1
-    window: int = 256
+    window: int = field(default=256, metadata={"help": "recent tokens kept exact"})
     #: merge the K cache of each pair
-    merge_k: bool = True
+    merge_k: bool = field(default=True, metadata={"help": "merge the K cache"})
     #: merge the V cache of each pair
-    merge_v: bool = True
+    merge_v: bool = field(default=True, metadata={"help": "merge the V cache"})
     #: None (paper-faithful, no alignment), a calibration file path, or "auto"
-    calibration: Optional[Union[str, Path]] = None
+    calibration: Optional[Union[str, Path]] = field(
+        default=None, metadata={"help": "calibration file, or 'auto' (the shipped or cached one for the model, else calibrate once)"})
     #: retention rule: "topk" (bounded, default) or "threshold" (the paper's Eq. 4)
-    retention: str = "topk"
+    retention: str = field(default="topk", metadata={"help": "retention rule: topk or threshold"})
     #: calibration="auto" only: rotation form ("head" or "full") and quality budget (KLD)
-    alignment: str = "head"
-    max_kld: float = DEFAULT_MAX_KLD
+    alignment: str = field(default="head", metadata={"help": "rotation form of calibration='auto': head or full"})
+    max_kld: float = field(default=DEFAULT_MAX_KLD, metadata={"help": "KLD budget (nats/token) of calibration='auto'"})
 
     def __post_init__(self):
         if self.start_layer is not None and not (_is_int(self.start_layer) and self.start_layer >= 0):
@@ -113,3 +140,51 @@ class MergeConfig:
         if isinstance(d["calibration"], Path):
             d["calibration"] = str(d["calibration"])
         return d
+
+
+# ---------------------------------------------------------------------------------------------
+# KV modes: one table for bench and eval
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KvMode:
+    """A KV cache configuration to measure: a ggml type for K and V, and merging (or not)."""
+
+    name: str
+    type_kv: str = "f16"
+    merge: Optional[MergeConfig] = None
+    what: str = ""
+
+    def llama_kwargs(self) -> dict:
+        t = GGML_TYPES[self.type_kv]
+        return dict(type_k=t, type_v=t, kv_merge=self.merge or False)
+
+
+STOCK_TYPES = ("f16", "q8_0", "q5_0", "q4_0")
+#: the modes `minicache-gguf bench` runs unless told otherwise
+BENCH_MODES = ("f16", "q8_0", f"paper-w{MergeConfig.window}", f"aligned-head-w{MergeConfig.window}")
+
+
+def kv_modes(window: int = MergeConfig.window, cal_files: Optional[dict] = None, names=None,
+             t: float = MergeConfig.t, gamma: float = MergeConfig.gamma) -> list:
+    """The KV modes of bench and eval: the stock types, and each merge (the paper's, V only, and
+    aligned per calibration form in cal_files) with the window on ("-w<window>") and off ("-w0").
+    names: keep those (f16, the reference, always first); an unknown name is a ValueError."""
+    modes = [KvMode(ty, ty, None, "stock llama.cpp KV" + (" (full cache, the reference)" if ty == "f16" else ""))
+             for ty in STOCK_TYPES]
+    for w, tag in ((window, f"w{window}"), (1, "w0")):
+        on = "recent window exact" if w > 1 else "no window"
+        mk = lambda **kw: MergeConfig(window=w, t=t, gamma=gamma, **kw)
+        modes.append(KvMode(f"paper-{tag}", merge=mk(), what=f"paper-faithful SLERP, S=L/2, K+V, {on}"))
+        modes.append(KvMode(f"paper-v-{tag}", merge=mk(merge_k=False), what=f"paper-faithful, V only, {on}"))
+        for form in ALIGNMENT_FORMS:
+            if form in (cal_files or {}):
+                modes.append(KvMode(f"aligned-{form}-{tag}", merge=mk(calibration=cal_files[form]),
+                                    what=f"calibrated {'per-head' if form == 'head' else 'whole-row'} alignment, {on}"))
+    if names:
+        known = [m.name for m in modes]
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise ValueError(f"mode(s) {', '.join(map(repr, bad))} not valid: expected some of {', '.join(known)}")
+        modes = [m for m in modes if m.name in names or m.name == "f16"]
+    return modes

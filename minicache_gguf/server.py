@@ -6,33 +6,40 @@ Invalid options are refused before the server starts."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
 import types
+from dataclasses import fields
 from typing import List, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, create_model
 
+from .calfile import find_auto
 from .config import ConfigError, MergeConfig
 from .llama import Llama, llama_cpp
+from .model import ModelInfo, default_model_path
+from .validate import validate
 
 import llama_cpp.server.model as _smodel  # noqa: E402  (after .llama: it points llama_cpp at the engine)
 from llama_cpp.server.settings import ModelSettings, ServerSettings  # noqa: E402
 
 
-class MiniCacheModelSettings(ModelSettings):
-    """A model entry: llama-cpp-python's fields plus MiniCache's."""
+def _kv_field(name: str):
+    """A server field for a MergeConfig field: its type, default and help come from MergeConfig."""
+    f = MergeConfig.__dataclass_fields__[name]
+    typ = {"start_layer": Optional[int], "calibration": Optional[str]}.get(name, type(f.default))
+    return typ, Field(default=f.default, description=f.metadata["help"])
 
-    model: str = Field(default="", description="GGUF model path (default: the default model, SmolLM2-135M-Instruct Q4_1)")
-    kv_merge: Optional[bool] = Field(
-        default=None, description="MiniCache cross-layer KV merging (unset: on when a calibration for the model exists)")
-    kv_calibration: Optional[str] = Field(
-        default=None, description="calibration file or 'auto' (aligned merging); unset: the paper's merge")
-    kv_window: int = Field(default=256, description="recent tokens kept exact")
-    kv_gamma: float = Field(default=0.05, description="retention fraction")
-    kv_t: float = Field(default=0.6, description="SLERP parameter")
-    kv_start_layer: Optional[int] = Field(default=None, description="first merged layer (paper's merge; default n_layer/2)")
+
+#: a model entry: llama-cpp-python's fields plus MiniCache's (kv_merge, and kv_<field> for every MergeConfig field)
+MiniCacheModelSettings = create_model(
+    "MiniCacheModelSettings", __base__=ModelSettings,
+    model=(str, Field(default="", description="GGUF model path (default: the default model, SmolLM2-135M-Instruct Q4_1)")),
+    kv_merge=(Optional[bool], Field(default=None, description="MiniCache cross-layer KV merging (unset: on when a "
+                                                              "calibration for the model is shipped or cached)")),
+    **{f"kv_{f.name}": _kv_field(f.name) for f in fields(MergeConfig)})
 
 
 class MiniCacheSettings(ServerSettings, MiniCacheModelSettings):
@@ -43,19 +50,16 @@ class MiniCacheConfigFileSettings(ServerSettings):
     models: List[MiniCacheModelSettings] = Field(default=[], description="Model configs")
 
 
-def merge_config(s: MiniCacheModelSettings) -> Union[MergeConfig, bool]:
+def merge_config(s) -> Union[MergeConfig, bool]:
     """The MergeConfig of a model entry (False: merging off); ConfigError names a bad value.
-    kv_merge unset: on, aligned, when `calibration="auto"` has already made a calibration for the model."""
+    kv_merge unset: on, aligned, when calibration="auto" finds a calibration for the model (shipped
+    with the package or cached) for these settings."""
+    cfg = MergeConfig(**{f.name: getattr(s, f"kv_{f.name}") for f in fields(MergeConfig)})
     if s.kv_merge is None and s.kv_calibration is None and s.model and os.path.isfile(s.model):
-        from .calibration import DEFAULT_MAX_KLD, ModelInfo, auto_calibration_path
-
-        p = auto_calibration_path(ModelInfo.of(s.model).sha256, "head", 0.6, 0.05, 256, DEFAULT_MAX_KLD)
-        if p.is_file() and (s.kv_window, s.kv_gamma, s.kv_t) == (256, 0.05, 0.6):
-            return MergeConfig(calibration=str(p))
-    if not s.kv_merge:
-        return False
-    return MergeConfig(window=s.kv_window, gamma=s.kv_gamma, t=s.kv_t, start_layer=s.kv_start_layer,
-                       calibration=s.kv_calibration)
+        found = find_auto(ModelInfo.of(s.model), cfg)
+        if found is not None:
+            return dataclasses.replace(cfg, calibration=str(found))
+    return cfg if s.kv_merge else False
 
 
 def check(models: list) -> None:
@@ -67,10 +71,8 @@ def check(models: list) -> None:
         if m.model and not os.path.isfile(m.model):
             raise ConfigError(f"model={m.model!r}: no such file")
         cfg = merge_config(m)
-        if cfg and cfg.calibration not in (None, "auto"):
-            from .calibration import ModelInfo, load_calibration
-
-            load_calibration(cfg.calibration, ModelInfo.of(m.model))
+        if cfg:
+            validate(cfg, m.model or default_model_path())
 
 
 _orig_load = _smodel.LlamaProxy.load_llama_from_model_settings
@@ -130,8 +132,6 @@ def settings_from_args(args) -> tuple:
 
 def _settings_from_args(args) -> tuple:
     from llama_cpp.server.cli import parse_model_from_args
-
-    from .model import default_model_path
 
     config_file = os.environ.get("CONFIG_FILE", args.config_file)
     if config_file:

@@ -9,13 +9,13 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_small_run(tmp_path, capsys):
-    rc = cli.main(["bench", "--ctx", "256,512", "--modes", "f16,q8_0,paper", "--decode", "4", "--budget-mib", "8",
+    rc = cli.main(["bench", "--ctx", "256,512", "--modes", "f16,q8_0,paper-w256", "--decode", "4", "--budget-mib", "8",
                    "--no-progress", "-o", str(tmp_path)])
     assert rc == 0
-    assert "| 512 | paper |" in capsys.readouterr().out
+    assert "| 512 | paper-w256 |" in capsys.readouterr().out
     res = json.loads((tmp_path / "bench.json").read_text())
     m = res["modes"]
-    assert list(m) == ["f16", "q8_0", "paper"]
+    assert list(m) == ["f16", "q8_0", "paper-w256"]
     for c in ("256", "512"):
         f16, q8 = m["f16"]["by_ctx"][c], m["q8_0"]["by_ctx"][c]
         assert f16["kv_bytes"] == 30 * 2 * 192 * 2 * int(c)  # 30 layers, K+V, 192 wide, f16
@@ -24,7 +24,7 @@ def test_bench_small_run(tmp_path, capsys):
             assert d["by_ctx"][c]["prefill_tok_s"] > 0 and d["by_ctx"][c]["decode_tok_s"] > 0
     # 8 MiB: f16 holds 8 MiB / 23040 B = 364 tokens -> 256; q8_0 (12240 B/token) -> 512; the merged
     # cache's exact-slot pool alone is larger than 8 MiB at these sizes -> 0
-    assert (m["f16"]["max_ctx_in_budget"], m["q8_0"]["max_ctx_in_budget"], m["paper"]["max_ctx_in_budget"]) == (256, 512, 0)
+    assert (m["f16"]["max_ctx_in_budget"], m["q8_0"]["max_ctx_in_budget"], m["paper-w256"]["max_ctx_in_budget"]) == (256, 512, 0)
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG
 
 

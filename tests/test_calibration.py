@@ -6,8 +6,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from minicache_gguf import ConfigError, Llama, MergeConfig, calibration, corpus, engine, kvstate
-from minicache_gguf.calibration import CalibrationError, ModelInfo
+from minicache_gguf import (ConfigError, Llama, MergeConfig, _internals, alignment, calfile, calibrate, corpus,
+                            kvstate, metrics)
+from minicache_gguf.config import CalibrationError, PairSpec
+from minicache_gguf.model import ModelInfo
 from minicache_gguf.llama import llama_cpp
 
 N_EMBD = 192
@@ -22,11 +24,11 @@ def _orth(rng, n):
 def test_fit_rotation_recovers_a_known_rotation(form):
     rng = np.random.default_rng(1)
     x0 = rng.standard_normal((500, 12)) * rng.uniform(0.5, 3, (500, 1))
-    true = calibration.full_matrix(form, _orth(rng, 12) if form == "full" else np.stack([_orth(rng, 4) for _ in range(3)]))
+    true = alignment.full_matrix(form, _orth(rng, 12) if form == "full" else np.stack([_orth(rng, 4) for _ in range(3)]))
     x1 = (x0 @ true) * rng.uniform(0.5, 3, (500, 1))  # other norms: only directions matter
-    r = calibration.fit_rotation(x0, x1, form, n_head_kv=3)
-    np.testing.assert_allclose(calibration.full_matrix(form, r), true, atol=1e-5)
-    assert np.allclose(calibration.cosine(x0 @ calibration.full_matrix(form, r), x1), 1, atol=1e-5)
+    r = alignment.fit_rotation(x0, x1, form, n_head_kv=3)
+    np.testing.assert_allclose(alignment.full_matrix(form, r), true, atol=1e-5)
+    assert np.allclose(alignment.cosine(x0 @ alignment.full_matrix(form, r), x1), 1, atol=1e-5)
 
 
 def test_corpus_splits_are_disjoint():
@@ -43,11 +45,11 @@ SMALL = dict(fit_tokens=160, context=128, scored=16, window=32, max_kld=0.05, pr
 
 @pytest.fixture(scope="module")
 def small_cal(model_path):
-    return calibration.calibrate(model_path, form="head", **SMALL, log=lambda s: None)
+    return calibrate.calibrate(model_path, form="head", **SMALL, log=lambda s: None)
 
 
 def test_calibration_is_deterministic(model_path, small_cal):
-    again = calibration.calibrate(model_path, form="head", **SMALL, log=lambda s: None)
+    again = calibrate.calibrate(model_path, form="head", **SMALL, log=lambda s: None)
     assert [(q.kind, q.layer) for q in again.pairs] == [(q.kind, q.layer) for q in small_cal.pairs]
     for a, b in zip(again.pairs, small_cal.pairs):
         assert np.array_equal(a.r, b.r)
@@ -63,7 +65,7 @@ def test_calibration_is_deterministic(model_path, small_cal):
 
 def test_calibration_file_round_trips(tmp_path, model_path, small_cal):
     p = small_cal.save(tmp_path / "cal.gguf")
-    got = calibration.load_calibration(p, ModelInfo.of(model_path))
+    got = calfile.load_calibration(p, ModelInfo.of(model_path))
     assert got.model == small_cal.model and got.form == small_cal.form
     assert got.settings == small_cal.settings and got.n_tokens == small_cal.n_tokens
     assert got.selection_kld == pytest.approx(small_cal.selection_kld, rel=1e-6)
@@ -79,8 +81,8 @@ def test_calibration_files_are_refused_clearly(tmp_path, model_path, small_cal):
     other = dataclasses.replace(small_cal, model=dataclasses.replace(small_cal.model, sha256="ab" * 32, name="Other-1B"))
     p = other.save(tmp_path / "other.gguf")
     with pytest.raises(CalibrationError, match=r"made for another model \('Other-1B'"):
-        calibration.load_calibration(p, me)
-    with pytest.raises(CalibrationError, match="made for another model"):
+        calfile.load_calibration(p, me)
+    with pytest.raises(ConfigError, match="made for another model"):  # the one message of validate()
         Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(calibration=p))
 
     good = small_cal.save(tmp_path / "good.gguf")
@@ -88,17 +90,17 @@ def test_calibration_files_are_refused_clearly(tmp_path, model_path, small_cal):
     trunc = tmp_path / "trunc.gguf"
     trunc.write_bytes(data[: len(data) // 2])
     with pytest.raises(CalibrationError, match="damaged or truncated|does not match"):
-        calibration.load_calibration(trunc, me)
+        calfile.load_calibration(trunc, me)
 
     forged = tmp_path / "forged.gguf"
     forged.write_bytes(data[:-8] + bytes(b ^ 0x5A for b in data[-8:]))  # edit the last rotation's values
     with pytest.raises(CalibrationError, match="do not match their recorded sha256"):
-        calibration.load_calibration(forged, me)
+        calfile.load_calibration(forged, me)
 
     with pytest.raises(CalibrationError, match="architecture 'llama', not a MiniCache calibration"):
-        calibration.load_calibration(model_path, me)
+        calfile.load_calibration(model_path, me)
     with pytest.raises(CalibrationError, match="does not exist"):
-        calibration.load_calibration(tmp_path / "missing.gguf", me)
+        calfile.load_calibration(tmp_path / "missing.gguf", me)
 
     # the filters leave nothing: a clear error
     above = max(q.layer for q in small_cal.pairs) + 1
@@ -115,8 +117,8 @@ def test_aligned_engine_equals_the_reference(model_path, form):
     rng = np.random.default_rng(7)
     rot = (lambda: _orth(rng, N_EMBD)) if form == "full" else (lambda: np.stack([_orth(rng, 64) for _ in range(3)]))
     # K and V of one pair, K only elsewhere, V only at the top: selected-but-not-paired layers
-    pairs = [engine.PairSpec("k", 4, form, rot()), engine.PairSpec("v", 4, form, rot()),
-             engine.PairSpec("k", 12, form, rot()), engine.PairSpec("v", 27, form, rot())]
+    pairs = [PairSpec("k", 4, form, rot()), PairSpec("v", 4, form, rot()),
+             PairSpec("k", 12, form, rot()), PairSpec("v", 27, form, rot())]
     n, w, gamma, t = 300, 48, 0.05, 0.6
     cfg = MergeConfig(window=w, gamma=gamma, t=t)
 
@@ -124,31 +126,31 @@ def test_aligned_engine_equals_the_reference(model_path, form):
     dense.eval(toks[:n])
     st = kvstate.parse_seq_state(kvstate.get_seq_state(llama_cpp, dense._ctx.ctx))
 
-    engine.set_pending(engine.params_from_config(cfg, 512, pairs))
+    _internals.set_pending(_internals.params_from_config(cfg, 512, pairs))
     try:
         mc = llama_cpp.Llama(str(model_path), n_ctx=512, flash_attn=True, logits_all=True, verbose=False)
     finally:
-        engine.set_pending(None)
-    stats = engine.get_stats(mc._ctx.ctx)
+        _internals.set_pending(None)
+    stats = _internals.get_stats(mc._ctx.ctx)
     assert (stats.merged_pools, stats.aligned_pools) == (4, 4)
     assert stats.rotation_bytes == 4 * 4 * (N_EMBD * N_EMBD if form == "full" else 3 * 64 * 64)
-    assert [(q.kind, q.layer, q.form) for q in engine.get_pairs(mc._ctx.ctx)] == [(q.kind, q.layer, q.form) for q in pairs]
+    assert [(q.kind, q.layer, q.form) for q in _internals.get_pairs(mc._ctx.ctx)] == [(q.kind, q.layer, q.form) for q in pairs]
     mc.eval(toks[:n])
     mc.eval(toks[n:n + 1])  # merges the n - w oldest tokens
 
-    want = calibration.simulate_merge(st, pairs, t, gamma, w)
+    want = alignment.simulate_merge(st, pairs, t, gamma, w)
     n_m = n - w
     for q in pairs:
         rows = want.k if q.kind == "k" else want.v
         for layer in (q.layer, q.layer + 1):
-            got = engine.get_rows(mc._ctx.ctx, layer, q.kind, 0, n, N_EMBD)
+            got = _internals.get_rows(mc._ctx.ctx, layer, q.kind, 0, n, N_EMBD)
             assert np.array_equal(got, rows[layer][:n].astype(np.float32)), (q, layer)
-        state, _ = engine.get_cells(mc._ctx.ctx, q.layer, q.kind, 0, n)
+        state, _ = _internals.get_cells(mc._ctx.ctx, q.layer, q.kind, 0, n)
         assert (state[:n_m] == 3).sum() == int(np.ceil(gamma * n_m - 1e-7 * n_m))
 
     scorer_logits = _logits_with_state(dense, want, toks[n])
     got = np.array(mc.scores[n])
-    kl = calibration.kld_per_token(scorer_logits[None], got[None])[0]
+    kl = metrics.kld_per_token(scorer_logits[None], got[None])[0]
     # the decode step folds R and the norms into the attention (rounds differently from restored
     # f16 rows): the gap llama.cpp's own two attention paths show on one cache, measured ~0.005
     assert kl < 0.02 and got.argmax() == scorer_logits.argmax(), kl
@@ -169,20 +171,34 @@ def test_engine_and_simulation_agree_on_kld(model_path, small_cal, tmp_path):
     llm = Llama(model_path, n_ctx=64, vocab_only=True, verbose=False)
     toks = corpus.tokens_for(llm, corpus.builtin_text("eval"), n + e, "eval")
     dense = Llama(model_path, n_ctx=512, flash_attn=True, logits_all=True, verbose=False)
-    scorer = calibration.KldScorer(dense, toks[:n], toks[n:n + e])
-    sim = scorer.kld(calibration.simulate_merge(scorer.state, small_cal.pairs, 0.6, 0.05, w))
+    scorer = metrics.KldScorer(dense, toks[:n], toks[n:n + e])
+    sim = scorer.kld(alignment.simulate_merge(scorer.state, small_cal.pairs, 0.6, 0.05, w))
 
     mc = Llama(model_path, n_ctx=512, flash_attn=True, logits_all=True, verbose=False,
                kv_merge=MergeConfig(calibration=path, window=w))
     mc.eval(toks[:n])
     mc.eval(toks[n:n + e])  # merges the n - w oldest first; 24 tokens: the folded decoding path
-    got = float(calibration.kld_per_token(scorer.ref, np.array(mc.scores[n:n + e])).mean())
+    got = float(metrics.kld_per_token(scorer.ref, np.array(mc.scores[n:n + e])).mean())
     assert sim > 0 and got == pytest.approx(sim, rel=0.25, abs=2e-3), (got, sim)
+
+
+def test_shipped_calibration_is_found_by_auto(model_path, tmp_path, monkeypatch):
+    """The default model's calibration for the default settings ships with the package: "auto"
+    uses it without calibrating (nothing is written to the cache)."""
+    monkeypatch.setenv("MINICACHE_GGUF_CACHE", str(tmp_path))
+    info = ModelInfo.of(model_path)
+    shipped = calfile.find_auto(info, MergeConfig(calibration="auto"))
+    assert shipped is not None and shipped.parent == calfile.SHIPPED_DIR
+    cal = calfile.load_calibration(shipped, info)
+    assert cal.settings["window"] == MergeConfig.window and cal.settings["max_kld"] == MergeConfig.max_kld
+    llm = Llama(model_path, n_ctx=512, verbose=False, kv_merge=MergeConfig(calibration="auto"))
+    assert llm.calibration.path == shipped and not (tmp_path / "calibration").exists()
+    assert llm.kv_stats().aligned_pools == len(cal.pairs)
 
 
 def test_auto_calibration_is_cached_per_model(model_path, tmp_path, monkeypatch):
     monkeypatch.setenv("MINICACHE_GGUF_CACHE", str(tmp_path))
-    cfg = MergeConfig(calibration="auto")
+    cfg = MergeConfig(calibration="auto", window=128)  # settings no shipped calibration was made for
     llm = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=cfg)
     files = list((tmp_path / "calibration").glob("*.gguf"))
     assert len(files) == 1 and llm.calibration.pairs
@@ -213,21 +229,21 @@ def test_forged_calibrations_with_a_valid_sha256_are_refused(tmp_path, model_pat
     for i, (pairs, msg) in enumerate(cases):
         p = dataclasses.replace(small_cal, pairs=pairs).save(tmp_path / f"forged{i}.gguf")
         with pytest.raises(CalibrationError, match=msg):
-            calibration.load_calibration(p, me)
+            calfile.load_calibration(p, me)
 
 
 def test_damaged_auto_calibration_is_made_again(model_path, tmp_path, monkeypatch, small_cal, capsys):
     monkeypatch.setenv("MINICACHE_GGUF_CACHE", str(tmp_path))
     cfg = MergeConfig(calibration="auto", window=32)
     info = ModelInfo.of(model_path)
-    path = calibration.auto_calibration_path(info.sha256, cfg.alignment, cfg.t, cfg.gamma, cfg.window, cfg.max_kld)
+    path = calfile.auto_path(info, cfg)
     small_cal.save(path)
     data = bytearray(path.read_bytes())
     i = data.index(b"minicache.calibration.settings") + len("minicache.calibration.settings") + 4 + 8
     data[i] = ord("}")  # the settings string is no longer JSON
     path.write_bytes(bytes(data))
-    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: small_cal)
-    pairs, cal = calibration.pairs_for(cfg, model_path, progress=False)
+    monkeypatch.setattr(calibrate, "calibrate", lambda *a, **k: small_cal)
+    pairs, cal = calibrate.pairs_for(cfg, model_path, progress=False)
     assert cal is small_cal and pairs
     assert "cached calibration unusable" in capsys.readouterr().err
-    assert calibration.load_calibration(path, info).n_tokens == small_cal.n_tokens  # re-made and saved
+    assert calfile.load_calibration(path, info).n_tokens == small_cal.n_tokens  # re-made and saved

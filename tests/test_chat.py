@@ -8,14 +8,14 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from minicache_gguf import calibration
+from minicache_gguf import calibrate
 
 CLI = str(Path(sys.executable).with_name("minicache-gguf"))
 
 
 @pytest.fixture(scope="module")
 def cal_file(model_path, tmp_path_factory):
-    cal = calibration.calibrate(model_path, form="head", fit_tokens=160, context=128, scored=16, window=32,
+    cal = calibrate.calibrate(model_path, form="head", fit_tokens=160, context=128, scored=16, window=32,
                                 max_kld=0.05, progress=False, log=lambda s: None)
     return cal.save(tmp_path_factory.mktemp("cal") / "cal.gguf")
 
@@ -95,3 +95,34 @@ def test_chat_one_shot_prompt():
                       encoding="utf-8", timeout=120, withexitstatus=True)
     text, status = out
     assert status == 0 and "[prompt" in text and ">>>" not in text
+
+
+def test_chat_line_editing_and_history(tmp_path):
+    """Arrow keys edit the line (no escape codes in the message); up recalls earlier input, kept
+    across runs in the history file."""
+    hist = tmp_path / "history"
+    env = dict(os.environ, TERM="xterm", MINICACHE_GGUF_CHAT_HISTORY=str(hist))
+    c = pexpect.spawn(CLI, ["chat", "--no-kv-merge", "--n-ctx", "256"], env=env, encoding="utf-8", timeout=120)
+    c.expect(">>> ")
+    c.send("/set system abc")
+    c.send("\x1b[D")              # left arrow
+    c.send("X\r")
+    c.expect(">>> ")
+    c.sendline("/show info")
+    c.expect("system 'abXc'")
+    c.expect(">>> ")
+    c.sendline("/bye")
+    c.expect(pexpect.EOF)
+    c.close()
+    assert "/set system abXc" in hist.read_text()
+
+    c = pexpect.spawn(CLI, ["chat", "--no-kv-merge", "--n-ctx", "256"], env=env, encoding="utf-8", timeout=120)
+    c.expect(">>> ")
+    for _ in range(3):            # up: /bye, /show info, then /set system abXc of the previous run
+        c.send("\x1b[A")
+    c.send("\r")
+    c.expect(">>> ")
+    c.sendline("/show info")
+    c.expect("system 'abXc'")
+    c.sendline("/bye")
+    c.expect(pexpect.EOF)

@@ -51,3 +51,25 @@ def test_errors_are_one_line():
     assert r.stderr.strip().count("\n") == 0 and "error:" in r.stderr and "Traceback" not in r.stderr
     r = run("frobnicate")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_generate_about_a_document_merges_it(tmp_path):
+    """The demo's main job in small: a document long enough to leave the window is merged and
+    retained, and the summary line says so next to a stock cache of the same type."""
+    import pydoc_data.topics
+
+    from minicache_gguf import MergeConfig, calfile, default_model_path
+    from minicache_gguf.model import ModelInfo
+
+    shipped = calfile.find_auto(ModelInfo.of(default_model_path()), MergeConfig(calibration="auto"))
+    doc = tmp_path / "doc.txt"
+    doc.write_text(pydoc_data.topics.topics["assignment"][:6000])
+    r = run("generate", "--kv-merge", "--calibration", str(shipped), "--window", "64", "--n-ctx", "4096", "--doc", str(doc),
+            "-p", "In one sentence, what is this text about?", "-n", "16")
+    assert r.returncode == 0, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "for a stock cache of the same type" in line and "aligned" in line
+    merged = int(line.split(" merged (")[0].rsplit(" ", 1)[1])
+    assert merged > 500, line
+    r = run("generate", "-p", "x", "--doc", str(tmp_path / "missing.txt"))
+    assert r.returncode == 1 and "does not exist" in r.stderr

@@ -4,7 +4,7 @@ import numpy as np
 import pydoc_data.topics
 import pytest
 
-from minicache_gguf import ConfigError, Llama, MergeConfig, engine, kvstate, reference
+from minicache_gguf import ConfigError, Llama, MergeConfig, _internals, kvstate, reference
 from minicache_gguf.layout import expected_layout
 from minicache_gguf.llama import llama_cpp
 
@@ -49,7 +49,7 @@ def test_equivalence_oracle(model_path, tokens, flash_attn):
     # nothing merged yet: every row and every logit is the stock one
     for layer in range(N_LAYER):
         for kind, rows in (("k", st.k), ("v", st.v)):
-            assert np.array_equal(engine.get_rows(mc._ctx.ctx, layer, kind, 0, n, N_EMBD), rows[layer].astype(np.float32))
+            assert np.array_equal(_internals.get_rows(mc._ctx.ctx, layer, kind, 0, n, N_EMBD), rows[layer].astype(np.float32))
     assert np.array_equal(mc.scores[:n], dense.scores[:n])
 
     mc.eval(tokens[n:n + 1])  # the oldest n - w tokens leave the window and are merged
@@ -62,14 +62,14 @@ def test_equivalence_oracle(model_path, tokens, flash_attn):
             ref = reference.merge(rows[a][:n_m], rows[b][:n_m], cfg.t, out_dtype=np.float16)
             keep = reference.retain_select(ref.dist, gamma)
             assert keep.sum() == reference.retain_count(n_m, gamma)
-            state, dist = engine.get_cells(mc._ctx.ctx, a, kind, 0, n)
+            state, dist = _internals.get_cells(mc._ctx.ctx, a, kind, 0, n)
             assert np.array_equal(state[:n_m] == 3, keep), f"retained set of layers {a},{b} {kind}"
             assert np.all(np.isin(state[:n_m], (2, 3))) and np.all(state[n_m:] == 1)
             np.testing.assert_allclose(dist[:n_m], ref.dist, atol=2e-6)
             for layer, norm in ((a, ref.norm0), (b, ref.norm1)):
                 want = reference.restore(ref.dir, norm, out_dtype=np.float16).astype(np.float32)
                 want[keep] = rows[layer][:n_m][keep]
-                got = engine.get_rows(mc._ctx.ctx, layer, kind, 0, n, N_EMBD)
+                got = _internals.get_rows(mc._ctx.ctx, layer, kind, 0, n, N_EMBD)
                 # f16 tolerance: one f16 ulp of the row's scale (observed: equal)
                 np.testing.assert_allclose(got[:n_m], want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
                 assert np.array_equal(got[n_m:], rows[layer][n_m:].astype(np.float32))
@@ -101,7 +101,7 @@ def test_flash_attention_on_and_off_agree(model_path, tokens):
             llm.eval(tokens[:200])
             llm.eval(tokens[200:210])
             runs[fa, bool(kv_merge)] = (llm.scores[:210].copy(),
-                                        engine.get_rows(llm._ctx.ctx, 20, "v", 0, 210, N_EMBD))
+                                        _internals.get_rows(llm._ctx.ctx, 20, "v", 0, 210, N_EMBD))
     for part in (0, 1):  # logits, and the restored V of a merged layer
         stock_gap = np.abs(runs[False, False][part] - runs[True, False][part]).max()
         merged_gap = np.abs(runs[False, True][part] - runs[True, True][part]).max()
@@ -225,7 +225,7 @@ def test_threshold_retention_in_the_engine(model_path, tokens):
     n_m = 200 - 32
     for a, _ in merged_pairs():
         for kind in "kv":
-            state, dist = engine.get_cells(llm._ctx.ctx, a, kind, 0, n_m)
+            state, dist = _internals.get_cells(llm._ctx.ctx, a, kind, 0, n_m)
             want = reference.retain_select(dist, cfg.gamma, "threshold")
             if want.sum() <= llm.kv_stats().retention_capacity:
                 assert np.array_equal(state == 3, want)

@@ -67,3 +67,13 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="does not exist"):
         Llama(str(tmp_path / "nope.gguf"), verbose=False)
+
+
+def test_every_problem_of_a_config_in_one_message(model_path):
+    with pytest.raises(ConfigError) as e:
+        Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(start_layer=40), type_k=8, embedding=True)
+    msg = str(e.value)
+    assert msg.startswith("kv_merge: ") and msg.count("\n") == 0
+    for part in ("start_layer=40 is not valid for this model (30 layers)", "type_k=8 is not supported",
+                 "embedding=True is not supported"):
+        assert part in msg, msg

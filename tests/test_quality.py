@@ -51,7 +51,7 @@ def test_eval_small_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, msg", [
     (["eval", "--ctx", "1k"], "--ctx '1k' is not valid"),
-    (["eval", "--rows", "q9_0", "--calibration-head", "none", "--calibration-full", "none"], "row(s) 'q9_0' not valid"),
+    (["eval", "--rows", "q9_0", "--calibration-head", "none", "--calibration-full", "none"], "mode(s) 'q9_0' not valid"),
     (["calibrate", "-o", "/tmp/x.gguf", "--max-kld", "-1"], "max_kld=-1.0 is not valid"),
     (["analyze", "--tokens", "10"], "tokens=10 is not valid"),
     (["eval", "--text", "/nonexistent.txt", "--calibration-head", "none", "--calibration-full", "none"],

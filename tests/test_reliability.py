@@ -11,7 +11,7 @@ import pydoc_data.topics
 import pytest
 
 import mcstate
-from minicache_gguf import Llama, MergeConfig, engine, kvstate
+from minicache_gguf import Llama, MergeConfig, _internals, engine, kvstate
 from minicache_gguf.llama import llama_cpp
 
 HERE = Path(__file__).resolve().parent
@@ -43,16 +43,16 @@ def test_get_rows_with_a_wrong_width_is_an_error(model_path, toks):
     llm = small(model_path)
     llm.eval(toks[:100])
     with pytest.raises(ValueError, match="rows are 192 wide, not 64"):
-        engine.get_rows(llm._ctx.ctx, 20, "k", 0, 100, 64)
+        _internals.get_rows(llm._ctx.ctx, 20, "k", 0, 100, 64)
     with pytest.raises(ValueError, match="kind='x' is not valid"):
-        engine.get_rows(llm._ctx.ctx, 20, "x", 0, 1, 192)
-    assert engine.get_rows(llm._ctx.ctx, 20, "k", 0, 100, 192).shape == (100, 192)
+        _internals.get_rows(llm._ctx.ctx, 20, "x", 0, 1, 192)
+    assert _internals.get_rows(llm._ctx.ctx, 20, "k", 0, 100, 192).shape == (100, 192)
 
 
 def test_c_api_ranges(model_path, toks):
     llm = small(model_path)
     llm.eval(toks[:40])
-    lib, ffi = engine.load(), engine._ffi
+    lib, ffi = engine.load(), engine.ffi
     ctx = ffi.cast("struct llama_context *", llm._ctx.ctx)
     buf = ffi.new("float[192]")
     assert lib.llama_minicache_get_rows(ctx, 2**31 - 1, 0, 0, 1, buf) == -1
@@ -64,7 +64,7 @@ def test_c_api_ranges(model_path, toks):
     assert lib.llama_minicache_get_cells(ctx, 16, 0, 2**31 - 2, 8, st, ffi.NULL) == -1
     assert lib.llama_minicache_get_cells(ctx, 16, 0, 0, 4, st, ffi.NULL) == 0
     with pytest.raises(ValueError, match="out of range"):
-        engine.get_cells(llm._ctx.ctx, 16, "k", 1000, 100)
+        _internals.get_cells(llm._ctx.ctx, 16, "k", 1000, 100)
 
 
 def test_forged_state_all_merged_with_slots_is_refused(model_path, toks):
@@ -83,7 +83,7 @@ def test_forged_state_all_merged_with_slots_is_refused(model_path, toks):
     fresh = small(model_path)
     with pytest.raises(kvstate.KvStateError):
         kvstate.set_seq_state(llama_cpp, fresh._ctx.ctx, mcstate.serialize(st, ROW))
-    assert "more retained tokens than the retention pool holds" in engine.last_error()
+    assert "more retained tokens than the retention pool holds" in _internals.last_error()
     fresh.eval(toks[:3])  # the context still decodes
     assert np.isfinite(fresh.scores[2]).all()
 

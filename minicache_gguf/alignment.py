@@ -1,0 +1,106 @@
+"""Alignment math: per-pair orthogonal rotations and the merge they enable, in NumPy.
+
+On small modern models adjacent layers hold nearly orthogonal K/V rows (FINDINGS §1), so the
+paper's merge is very lossy there. For each adjacent pair (l, l+1) and kind (K, V) we fit the
+orthogonal R that best maps unit rows of layer l onto unit rows of layer l+1 (orthogonal
+Procrustes: R = U Vt from SVD(unit(X_l)^T unit(X_l+1))). The engine merges unit(x_l R) with
+unit(x_l+1) and restores x_l as norm * dir * R^T. Forms: "full" (one n_embd x n_embd R) or
+"head" (one R per KV head, block diagonal: folds into attention per head at no extra cost).
+simulate_merge applies a merge to llama.cpp's real KV state (the engine reproduces it exactly).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from . import kvstate, reference
+from .config import ALIGNMENT_FORMS, PairSpec
+
+FORMS = ALIGNMENT_FORMS
+
+__all__ = ["FORMS", "fit_rotation", "fit_all", "full_matrix", "cosine", "simulate_merge"]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(n > 0, n, 1.0)
+
+
+def _procrustes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Orthogonal R minimising ||a R - b|| (rows of a, b unit)."""
+    u, _, vt = np.linalg.svd(a.T @ b)
+    return u @ vt
+
+
+def fit_rotation(x0: np.ndarray, x1: np.ndarray, form: str, n_head_kv: int) -> np.ndarray:
+    """R for merging layer rows x0 [n, d] into x1 [n, d]: [d, d] ("full") or [n_head_kv, d/h, d/h] ("head")."""
+    if form not in FORMS:
+        raise ValueError(f"form={form!r} is not valid: expected one of {FORMS}")
+    u0, u1 = _unit(x0), _unit(x1)
+    if form == "full":
+        return _procrustes(u0, u1).astype(np.float32)
+    dh = x0.shape[1] // n_head_kv
+    out = []
+    for h in range(n_head_kv):
+        s = slice(h * dh, (h + 1) * dh)
+        out.append(_procrustes(_unit(x0[:, s]), _unit(x1[:, s])))
+    return np.stack(out).astype(np.float32)
+
+
+def full_matrix(form: Optional[str], r: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The [d, d] matrix of a rotation (block diagonal for "head"), None for no rotation."""
+    if form is None:
+        return None
+    if form == "full":
+        return np.asarray(r, dtype=np.float32)
+    h, dh, _ = r.shape
+    out = np.zeros((h * dh, h * dh), dtype=np.float32)
+    for i in range(h):
+        out[i * dh:(i + 1) * dh, i * dh:(i + 1) * dh] = r[i]
+    return out
+
+
+def cosine(x0: np.ndarray, x1: np.ndarray, n_head_kv: int = 1) -> np.ndarray:
+    """Cosine similarity per row (n_head_kv=1) or per (row, head): [n] or [n, n_head_kv]."""
+    n, d = x0.shape
+    a = _unit(x0.reshape(n, n_head_kv, d // n_head_kv))
+    b = _unit(x1.reshape(n, n_head_kv, d // n_head_kv))
+    c = (a * b).sum(-1)
+    return c[:, 0] if n_head_kv == 1 else c
+
+
+def simulate_merge(st: kvstate.SeqState, pairs: list[PairSpec], t: float, gamma: float, window: int,
+                   retention: str = "topk") -> kvstate.SeqState:
+    """A copy of a stock KV state in which the cells older than the window of each listed
+    (pair, kind) hold what the merged engine restores: dir * norm (* R^T), the most distinct
+    gamma fraction kept exact."""
+    # the untouched layers are shared with st (calibration simulates ~100 selections per run)
+    out = kvstate.SeqState(st.seq_id, st.pos, st.seq_ids, st.v_trans, list(st.k), list(st.v))
+    n_m = max(0, st.n_cells - window)
+    if n_m == 0:
+        return out
+    for q in pairs:
+        rows = out.k if q.kind == "k" else out.v
+        a, b = q.layer, q.layer + 1
+        rows[a], rows[b] = rows[a].copy(), rows[b].copy()
+        rot = full_matrix(q.form, q.r)
+        x0, x1 = rows[a][:n_m], rows[b][:n_m]
+        m = reference.merge(x0, x1, t, rot=rot, out_dtype=rows[a].dtype)
+        keep = reference.retain_select(m.dist, gamma, retention)
+        r0 = reference.restore(m.dir, m.norm0, rot=rot, out_dtype=rows[a].dtype)
+        r1 = reference.restore(m.dir, m.norm1, out_dtype=rows[b].dtype)
+        r0[keep], r1[keep] = x0[keep], x1[keep]
+        rows[a][:n_m], rows[b][:n_m] = r0, r1
+    return out
+
+
+def fit_all(st: kvstate.SeqState, form: str, n_head_kv: int) -> dict:
+    """(kind, layer) -> R for every adjacent pair."""
+    out = {}
+    for kind, rows in (("k", st.k), ("v", st.v)):
+        for a in range(len(rows) - 1):
+            out[kind, a] = fit_rotation(rows[a], rows[a + 1], form, n_head_kv)
+    return out

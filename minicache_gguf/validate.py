@@ -1,0 +1,52 @@
+"""One place that checks a MergeConfig against a model and the Llama options it will run with,
+and says everything that is wrong in one ConfigError (the engine re-checks what it must, and its
+refusals name the problem too)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .calfile import load_calibration
+from .config import GGML_TYPES, CalibrationError, ConfigError, MergeConfig
+from .model import ModelInfo
+
+__all__ = ["validate", "MERGEABLE_TYPES"]
+
+#: the KV cache types merged layers can be stored in
+MERGEABLE_TYPES = ("f16", "f32")
+
+
+def validate(cfg: MergeConfig, model_path, llama_kwargs: Optional[dict] = None) -> ModelInfo:
+    """The model's identity, or a ConfigError listing every problem of merging it this way."""
+    kw = llama_kwargs or {}
+    problems = []
+    try:
+        info = ModelInfo.of(model_path)
+    except CalibrationError as e:
+        raise ConfigError(f"kv_merge: {e}") from None
+    if cfg.calibration is None:
+        try:
+            cfg.resolve_start(info.n_layer)
+        except ConfigError as e:
+            problems.append(str(e))
+    elif cfg.calibration != "auto":
+        try:
+            cal = load_calibration(cfg.calibration, info)
+            start = cfg.start_layer or 0
+            if not any((cfg.merge_k if q.kind == "k" else cfg.merge_v) and q.layer >= start for q in cal.pairs):
+                problems.append(f"calibration {str(cfg.calibration)!r}: no merged pair is left ({cal.describe()}; "
+                                f"merge_k={cfg.merge_k}, merge_v={cfg.merge_v}, start_layer={cfg.start_layer}): "
+                                "nothing to merge")
+        except CalibrationError as e:
+            problems.append(str(e))
+    names = {v: k for k, v in GGML_TYPES.items()}
+    for name in ("type_k", "type_v"):
+        t = kw.get(name)
+        if t is not None and names.get(t) not in MERGEABLE_TYPES:
+            problems.append(f"{name}={t} is not supported with kv_merge: merged layers are stored as "
+                            + " or ".join(f"{n} ({GGML_TYPES[n]})" for n in MERGEABLE_TYPES))
+    if kw.get("embedding"):
+        problems.append("embedding=True is not supported with kv_merge (it uses several sequences)")
+    if problems:
+        raise ConfigError("kv_merge: " + "; ".join(problems))
+    return info
