@@ -2,7 +2,7 @@
 
 import pytest
 
-from minicache_gguf import ConfigError, MergeConfig, _engine
+from minicache_gguf import ConfigError, Llama, MergeConfig, _engine
 
 
 @pytest.fixture(scope="module")
