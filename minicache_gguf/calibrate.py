@@ -21,25 +21,25 @@ from . import _internals, corpus
 from ._version import __version__
 from .alignment import FORMS, fit_all, simulate_merge
 from .calfile import Calibration, CalibrationError, auto_path, find_auto, load_calibration
-from .config import DEFAULT_MAX_KLD, ConfigError, MergeConfig, PairSpec
+from .config import ConfigError, MergeConfig, PairSpec
 from .metrics import KldScorer
 from .model import ModelInfo
 from .report import progress as _progress
 
-DEFAULT_FORM = "head"
 DEFAULT_FIT_TOKENS = 2048
 DEFAULT_CONTEXT = 1024
 DEFAULT_SCORED = 128
 
-__all__ = ["calibrate", "auto_calibration", "pairs_for", "DEFAULT_FORM", "DEFAULT_FIT_TOKENS", "DEFAULT_CONTEXT", "DEFAULT_SCORED"]
+__all__ = ["calibrate", "auto_calibration", "pairs_for", "DEFAULT_FIT_TOKENS", "DEFAULT_CONTEXT", "DEFAULT_SCORED"]
 
 
 def _overlaps(c, chosen) -> bool:
     return any(k == c[0] and abs(a - c[1]) <= 1 for k, a in chosen)
 
 
-def calibrate(model_path, *, form: str = DEFAULT_FORM, max_kld: float = DEFAULT_MAX_KLD, t: float = 0.6,
-              gamma: float = 0.05, window: int = 256, fit_tokens: int = DEFAULT_FIT_TOKENS,
+def calibrate(model_path, *, form: str = MergeConfig.alignment, max_kld: float = MergeConfig.max_kld,
+              t: float = MergeConfig.t, gamma: float = MergeConfig.gamma, window: int = MergeConfig.window,
+              fit_tokens: int = DEFAULT_FIT_TOKENS,
               context: int = DEFAULT_CONTEXT, scored: int = DEFAULT_SCORED, text: Optional[str] = None,
               layout: Optional[int] = None, kinds: str = "kv", progress: bool = True, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Calibration:
     """Fit rotations on calibration text, score each candidate, select under the KLD budget.
