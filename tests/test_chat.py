@@ -21,7 +21,8 @@ def cal_file(model_path, tmp_path_factory):
 
 
 def spawn(*args):
-    env = dict(os.environ, TERM="dumb")
+    # the user's history file stays untouched by the tests
+    env = dict(os.environ, TERM="dumb", MINICACHE_GGUF_CHAT_HISTORY=os.devnull)
     return pexpect.spawn(CLI, ["chat", "--temp", "0", *args], env=env, encoding="utf-8", timeout=120)
 
 
