@@ -225,12 +225,15 @@ def _cmd_eval(args) -> int:
     names = args.rows.split(",") if args.rows else None
     forms = [f for f in ("head", "full") if getattr(args, f"calibration_{f}") != "none"]
     evaluate.default_rows(args.window, {f: None for f in forms}, names, t=args.t, gamma=args.gamma)  # validates first
-    text = _text(args)
+    from . import corpus
+
+    text, text_what = corpus.text_arg(args.text)
     model = _model(args)
     forms = [f for f in forms if not names or any(n.startswith(f"aligned-{f}") for n in names)]
     cal_files = _auto_calibrations(args, model, forms, window=args.window)
     rows = evaluate.default_rows(args.window, cal_files, names, t=args.t, gamma=args.gamma)
-    res = evaluate.run(model, ctxs=ctxs, chunks=args.chunks, rows=rows, text=text, passkey_ctx=args.passkey_ctx,
+    res = evaluate.run(model, ctxs=ctxs, chunks=args.chunks, rows=rows, text=text, text_what=text_what,
+                       passkey_ctx=args.passkey_ctx,
                        passkey_trials=args.passkey_trials, n_ubatch=args.n_ubatch, threads=args.threads,
                        progress=not args.no_progress)
     _emit(evaluate.to_markdown(res), args.output, lambda d: evaluate.write(res, d))
@@ -314,9 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_bench)
 
-    def common(p, tokens):
+    def common(p, tokens, text_help="UTF-8 text file (default: the built-in pydoc_data corpus)"):
         p.add_argument("-m", "--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
-        p.add_argument("--text", default=None, help="UTF-8 text file (default: the built-in pydoc_data corpus)")
+        p.add_argument("--text", default=None, help=text_help)
         if tokens:
             p.add_argument("--tokens", type=int, default=tokens, help=f"tokens of K/V captured (default {tokens})")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -354,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  minicache-gguf eval -o out/                      everything (slow on a CPU)\n"
                               "  minicache-gguf eval --ctx 1024 --passkey-ctx 0 --rows aligned-head-w256,paper-w256",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    common(p, 0)
+    common(p, 0, "UTF-8 text file, or builtin:docs (default: the calibration's domain), builtin:code or "
+                 "builtin:legal (domains the calibration never saw)")
     p.add_argument("-o", "--output", default=None, help="directory for eval.md, eval.json and eval.png")
     p.add_argument("--ctx", default="512,1024,2048,4096,8192", help="context lengths (default 512,1024,2048,4096,8192)")
     p.add_argument("--chunks", type=int, default=1, help="chunks of text per context length (default 1)")

@@ -65,6 +65,7 @@ def _metrics(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict:
 
 
 def run(model_path, *, ctxs=DEFAULT_CTX, chunks: int = 1, rows: Optional[list[KvMode]] = None, text: Optional[str] = None,
+        text_what: Optional[str] = None,
         passkey_ctx: int = 4096, passkey_depths=(0.1, 0.3, 0.5, 0.7, 0.9), passkey_trials: int = 1,
         n_ubatch: int = 512, threads: Optional[int] = None, progress: bool = True, seed: int = 1234) -> Result:
     if rows is None:
@@ -153,7 +154,7 @@ def run(model_path, *, ctxs=DEFAULT_CTX, chunks: int = 1, rows: Optional[list[Kv
                   settings={"ctx": ctxs, "chunks": chunks, "scored_per_chunk": {str(c): min(256, c // 2) for c in ctxs},
                             "passkey_ctx": passkey_ctx, "passkey_depths": list(passkey_depths),
                             "passkey_trials": passkey_trials, "n_ubatch": n_ubatch, "flash_attn": True,
-                            "text": "built-in eval split (pydoc_data)" if text is None else "user text",
+                            "text": text_what or ("built-in eval split (pydoc_data)" if text is None else "user text"),
                             "merge": {r.name: (r.merge.to_dict() if r.merge else None) for r in rows}},
                   model={"name": info.name, "arch": info.arch, "sha256": info.sha256, "path": str(model_path)})
 

@@ -73,3 +73,19 @@ def test_passkey_prompt_places_the_key(model_path):
         assert 900 < n <= 1024 - 16 + 8
         where = p.index("54321") / len(p)
         assert abs(where - depth) < 0.1
+
+
+def test_eval_text_domains():
+    """builtin:docs is the calibration's domain; builtin:code and builtin:legal are domains it never
+    saw: long enough for an 8k context, sharing no paragraph with the calibration text."""
+    from minicache_gguf import corpus
+
+    paras = lambda t: {p.strip() for p in t.split("\n\n") if len(p.strip()) >= 40}  # not "New in version 3.10."
+    cal = paras(corpus.builtin_text("calibration"))
+    for d in corpus.DOMAINS:
+        text, what = corpus.text_arg(f"builtin:{d}")
+        assert len(text) > 100_000 and "sha256" in what, (d, len(text))
+        assert not cal & paras(text), d
+    assert "out of domain" in corpus.text_arg("builtin:code")[1]
+    with pytest.raises(ValueError, match="domain='poetry' is not valid"):
+        corpus.text_arg("builtin:poetry")
