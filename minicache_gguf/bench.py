@@ -92,9 +92,15 @@ def run(model, *, ctxs=(1024, 4096, 8192), mode_kw: dict, n_decode: int = 32, re
                 runs[m].append(_one(model, kw, c, toks, n_decode, threads))
                 if bar:
                     bar.update()
+        ref = runs.get("f16")
         for m, rs in runs.items():
-            res[m]["by_ctx"][str(c)] = {"kv_bytes": rs[0][2], "prefill_tok_s": statistics.median(r[0] for r in rs),
-                                        "decode_tok_s": statistics.median(r[1] for r in rs)}
+            d = res[m]["by_ctx"][str(c)] = {"kv_bytes": rs[0][2], "prefill_tok_s": statistics.median(r[0] for r in rs),
+                                            "decode_tok_s": statistics.median(r[1] for r in rs)}
+            # speed vs f16: the median of the per-rep ratios (each rep ran the modes back to back, so a
+            # ratio sees one machine load), with their range
+            pairs = {k: [r[i] / f[i] for r, f in zip(rs, ref or rs)] for i, k in ((0, "prefill_tok_s"), (1, "decode_tok_s"))}
+            d["vs_f16"] = {"kv_bytes": rs[0][2] / (ref or rs)[0][2], **{k: statistics.median(v) for k, v in pairs.items()}}
+            d["vs_f16_range"] = {k: [min(v), max(v)] for k, v in pairs.items()}
     budget = int(budget_mib * (1 << 20))
     for m, kw in mode_kw.items():
         res[m]["max_ctx_in_budget"] = largest_context(model, kw, budget)
@@ -102,10 +108,6 @@ def run(model, *, ctxs=(1024, 4096, 8192), mode_kw: dict, n_decode: int = 32, re
             bar.update()
     if bar:
         bar.close()
-    for m in res:
-        for c, r in res[m]["by_ctx"].items():
-            ref = res["f16"]["by_ctx"][c] if "f16" in res else r
-            r["vs_f16"] = {k: r[k] / ref[k] for k in ("kv_bytes", "prefill_tok_s", "decode_tok_s")}
     info = ModelInfo.of(model)
     return {"model": {"name": info.name, "sha256": info.sha256, "path": str(model)},
             "settings": {"ctx": ctxs, "n_decode": n_decode, "reps": reps, "budget_mib": budget_mib, "threads": threads,
@@ -118,15 +120,18 @@ def to_markdown(r: dict) -> str:
     s = r["settings"]
     out = [f"## KV memory and speed: {r['model']['name']}", "",
            f"flash attention on, {s['threads']} threads, {s['n_decode']} tokens decoded after a prefill of "
-           f"n_ctx - {s['n_decode'] + 8}; median of {s['reps']} rep(s), modes back to back.", "",
+           f"n_ctx - {s['n_decode'] + 8}; {s['reps']} rep(s), modes back to back; tok/s: medians; vs f16: median of "
+           "the per-rep ratios [min–max over reps].", "",
            "| n_ctx | mode | KV MiB | KV vs f16 | prefill tok/s | vs f16 | decode tok/s | vs f16 |",
            "|---|---|---|---|---|---|---|---|"]
     for c in s["ctx"]:
         for m, d in r["modes"].items():
             x = d["by_ctx"][str(c)]
-            v = x["vs_f16"]
+            v, rg = x["vs_f16"], x["vs_f16_range"]
+            span = lambda k: f" [{rg[k][0]:.2f}–{rg[k][1]:.2f}]" if s["reps"] > 1 else ""
             out.append(f"| {c} | {m} | {x['kv_bytes'] / (1 << 20):.1f} | {v['kv_bytes']:.2f}× | {x['prefill_tok_s']:.1f} | "
-                       f"{v['prefill_tok_s']:.2f}× | {x['decode_tok_s']:.1f} | {v['decode_tok_s']:.2f}× |")
+                       f"{v['prefill_tok_s']:.2f}×{span('prefill_tok_s')} | {x['decode_tok_s']:.1f} | "
+                       f"{v['decode_tok_s']:.2f}×{span('decode_tok_s')} |")
     out += ["", f"Largest context whose KV cache fits {s['budget_mib']:g} MiB (allocated, multiples of 256):", "",
             "| mode | n_ctx |", "|---|---|"]
     out += [f"| {m} | {d['max_ctx_in_budget']} |" for m, d in r["modes"].items()]

@@ -10,7 +10,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_bench_small_run(tmp_path, capsys):
     rc = cli.main(["bench", "--ctx", "256,512", "--modes", "f16,q8_0,paper-w256", "--decode", "4", "--budget-mib", "8",
-                   "--no-progress", "-o", str(tmp_path)])
+                   "--reps", "2", "--no-progress", "-o", str(tmp_path)])
     assert rc == 0
     assert "| 512 | paper-w256 |" in capsys.readouterr().out
     res = json.loads((tmp_path / "bench.json").read_text())
@@ -21,7 +21,13 @@ def test_bench_small_run(tmp_path, capsys):
         assert f16["kv_bytes"] == 30 * 2 * 192 * 2 * int(c)  # 30 layers, K+V, 192 wide, f16
         assert abs(q8["kv_bytes"] / f16["kv_bytes"] - 34 / 64) < 0.01
         for d in m.values():
-            assert d["by_ctx"][c]["prefill_tok_s"] > 0 and d["by_ctx"][c]["decode_tok_s"] > 0
+            x = d["by_ctx"][c]
+            assert x["prefill_tok_s"] > 0 and x["decode_tok_s"] > 0
+            # speed vs f16 is the median of per-rep paired ratios, inside their range; f16 vs itself is 1
+            for k in ("prefill_tok_s", "decode_tok_s"):
+                lo, hi = x["vs_f16_range"][k]
+                assert lo <= x["vs_f16"][k] <= hi
+        assert m["f16"]["by_ctx"][c]["vs_f16"] == {"kv_bytes": 1.0, "prefill_tok_s": 1.0, "decode_tok_s": 1.0}
     # 8 MiB: f16 holds 8 MiB / 23040 B = 364 tokens -> 256; q8_0 (12240 B/token) -> 512; the merged
     # cache's exact-slot pool alone is larger than 8 MiB at these sizes -> 0
     assert (m["f16"]["max_ctx_in_budget"], m["q8_0"]["max_ctx_in_budget"], m["paper-w256"]["max_ctx_in_budget"]) == (256, 512, 0)
