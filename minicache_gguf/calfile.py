@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from ._engine import cache_dir
-from .config import ALIGNMENT_FORMS, CalibrationError, MergeConfig, PairSpec
+from .config import ALIGNMENT_FORMS, CalibrationError, ConfigError, MergeConfig, PairSpec
 from .model import ModelInfo
 
 FORMAT_VERSION = 1
@@ -53,6 +53,16 @@ class Calibration:
                 f"KLD {self.selection_kld:.4f} on held-out calibration tokens ("
                 + (f"budget {self.settings.get('max_kld')})" if self.settings.get("layout") is None
                    else f"fixed layout from layer {self.settings['layout']})"))
+
+    def selection(self, cfg: MergeConfig) -> list[PairSpec]:
+        """The pairs a MergeConfig merges from this calibration: filtered by merge_k / merge_v /
+        start_layer; a ConfigError when nothing is left."""
+        start = cfg.start_layer or 0
+        pairs = [q for q in self.pairs if (cfg.merge_k if q.kind == "k" else cfg.merge_v) and q.layer >= start]
+        if not pairs:
+            raise ConfigError(f"calibration {str(cfg.calibration)!r}: no merged pair is left ({self.describe()}; "
+                              f"merge_k={cfg.merge_k}, merge_v={cfg.merge_v}, start_layer={cfg.start_layer}): nothing to merge")
+        return pairs
 
     def save(self, path) -> Path:
         import gguf

@@ -21,7 +21,7 @@ from . import _internals, corpus
 from ._version import __version__
 from .alignment import FORMS, fit_all, simulate_merge
 from .calfile import Calibration, CalibrationError, auto_path, find_auto, load_calibration
-from .config import ConfigError, MergeConfig, PairSpec
+from .config import MergeConfig, PairSpec
 from .metrics import KldScorer
 from .model import ModelInfo
 from .report import progress as _progress
@@ -146,10 +146,4 @@ def pairs_for(cfg: MergeConfig, model_path, progress: bool = True) -> tuple[list
         cal = auto_calibration(model_path, cfg, progress)
     else:
         cal = load_calibration(cfg.calibration, ModelInfo.of(model_path))
-    start = cfg.start_layer or 0
-    pairs = [q for q in cal.pairs
-             if (cfg.merge_k if q.kind == "k" else cfg.merge_v) and q.layer >= start]
-    if not pairs:
-        raise ConfigError(f"calibration {cfg.calibration!r}: no merged pair is left ({cal.describe()}; "
-                          f"merge_k={cfg.merge_k}, merge_v={cfg.merge_v}, start_layer={cfg.start_layer}): nothing to merge")
-    return pairs, cal
+    return cal.selection(cfg), cal

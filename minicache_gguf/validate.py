@@ -31,13 +31,8 @@ def validate(cfg: MergeConfig, model_path, llama_kwargs: Optional[dict] = None) 
             problems.append(str(e))
     elif cfg.calibration != "auto":
         try:
-            cal = load_calibration(cfg.calibration, info)
-            start = cfg.start_layer or 0
-            if not any((cfg.merge_k if q.kind == "k" else cfg.merge_v) and q.layer >= start for q in cal.pairs):
-                problems.append(f"calibration {str(cfg.calibration)!r}: no merged pair is left ({cal.describe()}; "
-                                f"merge_k={cfg.merge_k}, merge_v={cfg.merge_v}, start_layer={cfg.start_layer}): "
-                                "nothing to merge")
-        except CalibrationError as e:
+            load_calibration(cfg.calibration, info).selection(cfg)
+        except (CalibrationError, ConfigError) as e:
             problems.append(str(e))
     names = {v: k for k, v in GGML_TYPES.items()}
     for name in ("type_k", "type_v"):

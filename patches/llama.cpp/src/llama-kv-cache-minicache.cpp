@@ -845,6 +845,10 @@ void llama_kv_minicache::read_vec(const pool & p, ggml_tensor * t, uint32_t idx,
 }
 
 void llama_kv_minicache::release_cell(uint32_t c) {
+    // only a staged or merged cell holds anything (a slot, a direction, norms)
+    if (!staged[c] && !merged[c]) {
+        return;
+    }
     if (staged[c]) {
         staged[c] = 0;
         n_staged_cur--;
@@ -854,23 +858,25 @@ void llama_kv_minicache::release_cell(uint32_t c) {
         n_merged_cur--;
     }
     // nothing of the cell survives: a released cell reads as zero (not as old, maybe non-finite, data)
+    std::vector<uint8_t> zero;
     for (auto & p : pools) {
-        const int32_t s = p.slot_of_cell[c];
-        if (s >= 0) {
-            free_slot(p, s);
-        }
         p.dist[c]         = 0.0f;
         p.norm_host[0][c] = 0.0f;
         p.norm_host[1][c] = 0.0f;
-        sync_norm(p, c);
-        const std::vector<uint8_t> zero(ggml_row_size(type_of(p.kind), p.n_embd), 0);
+        const int32_t s = p.slot_of_cell[c];
+        if (s >= 0) {
+            free_slot(p, s); // writes the cell's (now 0) norms
+        } else {
+            sync_norm(p, c);
+        }
+        zero.assign(ggml_row_size(type_of(p.kind), p.n_embd), 0);
         write_vec(p, p.dir, c, zero.data());
     }
 }
 
 void llama_kv_minicache::forget_freed(const llama_kv_cells & cells) {
     for (uint32_t c = 0; c < kv_size; ++c) {
-        if ((staged[c] || merged[c]) && cells.is_empty(c)) {
+        if (cells.is_empty(c)) {
             release_cell(c);
         }
     }
@@ -881,9 +887,7 @@ void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector
     forget_freed(cells);
 
     for (uint32_t c : new_cells) {
-        if (staged[c] || merged[c]) {
-            release_cell(c); // overwritten
-        }
+        release_cell(c); // overwritten
     }
 
     const uint32_t n_new = (uint32_t) new_cells.size();
