@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from . import _engine, engine, kvstate
 from .config import MergeConfig, PairSpec
 from .engine import ffi
 
-__all__ = ["llama_cpp", "KvStats", "params_from_config", "set_pending", "last_error", "get_stats", "get_pairs",
+__all__ = ["llama_cpp", "KvStats", "params_from_config", "set_pending", "last_error", "get_stats", "get_pairs", "get_rotation",
            "get_rows", "get_cells", "context_pointer", "eval_logits", "seq_state", "set_seq_state", "capture_kv",
            "token_text", "plain_llama"]
 
@@ -78,6 +79,8 @@ class KvStats:
     merged_pools: int = 0      #: merged (layer pair, kind) combinations
     aligned_pools: int = 0     #: of which with a calibrated rotation
     rotation_bytes: int = 0    #: bytes of the rotations (part of kv_bytes)
+    hadamard_k: int = 0        #: merged caches: llama.cpp's Hadamard block on quantized K rows (0: none)
+    hadamard_v: int = 0        #: the same for V
 
     @property
     def staging_fill(self) -> float:
@@ -155,7 +158,7 @@ def get_stats(ctx_ptr: int) -> KvStats | None:
         tokens_retained=st.n_retained / st.n_pools if st.n_pools else 0.0,
         staging_capacity=st.n_stage, retention_capacity=st.n_retain_max, exact_slots_per_layer=st.n_slots,
         exact_rows_per_layer=st.n_rows, merged_pools=st.n_pools, aligned_pools=st.n_rot,
-        rotation_bytes=st.rot_bytes,
+        rotation_bytes=st.rot_bytes, hadamard_k=st.attn_rot_k, hadamard_v=st.attn_rot_v,
     )
 
 
@@ -183,7 +186,7 @@ def get_rows(ctx_ptr: int, layer: int, kind: str, c0: int, n: int, n_embd: int) 
     width = lib.llama_minicache_get_rows(_ctx(ctx_ptr), layer, engine.KINDS[kind], c0, 0, ffi.cast("float *", ffi.new("float[1]")))
     if width < 0:
         raise ValueError(f"cannot read {kind.upper()} rows of layer {layer}, cells [{c0}, {c0 + n}): no such layer, "
-                         "cells out of range, or a quantized layer")
+                         "cells out of range, or a cache type the engine cannot read back")
     if width != n_embd:
         raise ValueError(f"layer {layer} {kind.upper()} rows are {width} wide, not {n_embd}")
     out = np.empty((n, width), dtype=np.float32)
@@ -191,6 +194,23 @@ def get_rows(ctx_ptr: int, layer: int, kind: str, c0: int, n: int, n_embd: int) 
     if got != width:
         raise ValueError(f"cannot read {kind.upper()} rows of layer {layer}, cells [{c0}, {c0 + n})")
     return out
+
+
+def get_rotation(ctx_ptr: int, layer: int, kind: str) -> Optional[np.ndarray]:
+    """The rotation [n_embd, n_embd] an aligned merged pool applies, in the basis of the cached rows
+    (llama.cpp rotates quantized K/V with a Hadamard matrix H: then H R H); None if it has none."""
+    if kind not in engine.KINDS:
+        raise ValueError(f"kind={kind!r} is not valid: expected 'k' or 'v'")
+    lib = engine.load()
+    n = lib.llama_minicache_get_rotation(_ctx(ctx_ptr), int(layer), engine.KINDS[kind], ffi.NULL, 0)
+    if n < 0:
+        raise ValueError(f"layer {layer} {kind.upper()} is not merged")
+    if n == 0:
+        return None
+    out = np.zeros(n, dtype=np.float32)
+    lib.llama_minicache_get_rotation(_ctx(ctx_ptr), int(layer), engine.KINDS[kind], ffi.cast("float *", out.ctypes.data), n)
+    d = int(round(n ** 0.5))
+    return out.reshape(d, d)
 
 
 def get_cells(ctx_ptr: int, layer: int, kind: str, c0: int, n: int):

@@ -15,7 +15,7 @@ import numpy as np
 from .reference import RETENTION_MODES
 
 __all__ = ["MergeConfig", "ConfigError", "CalibrationError", "PairSpec", "KvMode", "kv_modes", "GGML_TYPES",
-           "ALIGNMENT_FORMS", "DEFAULT_MAX_KLD"]
+           "QUANTIZED_TYPES", "cache_type", "ALIGNMENT_FORMS", "DEFAULT_MAX_KLD"]
 
 #: rotation forms of aligned merging: one R per KV head (folds into attention at no extra cost),
 #: or one R over whole rows (a bit better, 3x the merged layer's attention work when decoding)
@@ -34,6 +34,23 @@ class CalibrationError(ValueError):
 
 #: ggml's KV cache types by name (llama.cpp's -ctk/-ctv names), as in ggml.h
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+#: the block-quantized ones (a quantized V cache needs flash attention)
+QUANTIZED_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl")
+
+
+def cache_type(value, what: str = "cache type") -> str:
+    """A KV cache type given as llama.cpp's tools take it (a name such as q8_0, or a ggml type
+    number) -> its name; anything else is a ConfigError naming the valid ones."""
+    if isinstance(value, str) and value.strip().lower() in GGML_TYPES:
+        return value.strip().lower()
+    num = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, str) and value.strip().isdigit():
+        num = int(value.strip())
+    for name, n in GGML_TYPES.items():
+        if num is not None and num == n:
+            return name
+    raise ConfigError(f"{what}={value!r} is not valid: expected one of "
+                      + ", ".join(f"{n} ({i})" for n, i in GGML_TYPES.items()))
 
 
 @dataclass(frozen=True)
@@ -148,16 +165,16 @@ class MergeConfig:
 
 @dataclass(frozen=True)
 class KvMode:
-    """A KV cache configuration to measure: a ggml type for K and V, and merging (or not)."""
+    """A KV cache configuration to measure: a ggml type for K and for V, and merging (or not)."""
 
     name: str
-    type_kv: str = "f16"
+    type_k: str = "f16"
+    type_v: str = "f16"
     merge: Optional[MergeConfig] = None
     what: str = ""
 
     def llama_kwargs(self) -> dict:
-        t = GGML_TYPES[self.type_kv]
-        return dict(type_k=t, type_v=t, kv_merge=self.merge or False)
+        return dict(type_k=GGML_TYPES[self.type_k], type_v=GGML_TYPES[self.type_v], kv_merge=self.merge or False)
 
 
 STOCK_TYPES = ("f16", "q8_0", "q5_0", "q4_0")
@@ -165,26 +182,55 @@ STOCK_TYPES = ("f16", "q8_0", "q5_0", "q4_0")
 BENCH_MODES = ("f16", "q8_0", f"paper-w{MergeConfig.window}", f"aligned-head-w{MergeConfig.window}")
 
 
+def _split_types(spec: str):
+    """"q8_0" -> (q8_0, q8_0); "q8_0/q4_0" -> K q8_0, V q4_0; None if spec names no cache type."""
+    parts = spec.split("/")
+    if len(parts) in (1, 2) and all(p in GGML_TYPES for p in parts):
+        return parts[0], parts[-1]
+    return None
+
+
 def kv_modes(window: int = MergeConfig.window, cal_files: Optional[dict] = None, names=None,
              t: float = MergeConfig.t, gamma: float = MergeConfig.gamma) -> list:
     """The KV modes of bench and eval: the stock types, and each merge (the paper's, V only, and
     aligned per calibration form in cal_files) with the window on ("-w<window>") and off ("-w0").
-    names: keep those (f16, the reference, always first); an unknown name is a ValueError."""
-    modes = [KvMode(ty, ty, None, "stock llama.cpp KV" + (" (full cache, the reference)" if ty == "f16" else ""))
+    names: keep those (f16, the reference, always first); besides the listed names, a cache type
+    ("q5_1", or K/V types "q8_0/q4_0") and a merge on a cache type ("q4_0+aligned-head-w256") are
+    valid; an unknown name is a ValueError."""
+    modes = [KvMode(ty, ty, ty, None, "stock llama.cpp KV" + (" (full cache, the reference)" if ty == "f16" else ""))
              for ty in STOCK_TYPES]
+    merges = []
     for w, tag in ((window, f"w{window}"), (1, "w0")):
         on = "recent window exact" if w > 1 else "no window"
         mk = lambda **kw: MergeConfig(window=w, t=t, gamma=gamma, **kw)
-        modes.append(KvMode(f"paper-{tag}", merge=mk(), what=f"paper-faithful SLERP, S=L/2, K+V, {on}"))
-        modes.append(KvMode(f"paper-v-{tag}", merge=mk(merge_k=False), what=f"paper-faithful, V only, {on}"))
+        merges.append(KvMode(f"paper-{tag}", merge=mk(), what=f"paper-faithful SLERP, S=L/2, K+V, {on}"))
+        merges.append(KvMode(f"paper-v-{tag}", merge=mk(merge_k=False), what=f"paper-faithful, V only, {on}"))
         for form in ALIGNMENT_FORMS:
             if form in (cal_files or {}):
-                modes.append(KvMode(f"aligned-{form}-{tag}", merge=mk(calibration=cal_files[form]),
-                                    what=f"calibrated {'per-head' if form == 'head' else 'whole-row'} alignment, {on}"))
+                merges.append(KvMode(f"aligned-{form}-{tag}", merge=mk(calibration=cal_files[form]),
+                                     what=f"calibrated {'per-head' if form == 'head' else 'whole-row'} alignment, {on}"))
+                merges.append(KvMode(f"aligned-{form}-v-{tag}", merge=mk(calibration=cal_files[form], merge_k=False),
+                                     what=f"calibrated {'per-head' if form == 'head' else 'whole-row'} alignment, V only, {on}"))
+    modes += [m for m in merges if "-v-" not in m.name or m.name.startswith("paper")]
     if names:
-        known = [m.name for m in modes]
-        bad = [n for n in names if n not in known]
+        by_name = {m.name: m for m in modes + merges}
+        out, bad = [], []
+        for n in names:
+            if n in by_name:
+                out.append(by_name[n])
+                continue
+            types, _, merge = n.partition("+")
+            tk_tv = _split_types(types)
+            if tk_tv and not merge:
+                out.append(KvMode(n, tk_tv[0], tk_tv[1], None, "stock llama.cpp KV, K " + tk_tv[0] + " / V " + tk_tv[1]))
+            elif tk_tv and merge in by_name and by_name[merge].merge is not None:
+                m = by_name[merge]
+                out.append(KvMode(n, tk_tv[0], tk_tv[1], m.merge, f"{m.what}, stacked on {types} KV"))
+            else:
+                bad.append(n)
         if bad:
-            raise ValueError(f"mode(s) {', '.join(map(repr, bad))} not valid: expected some of {', '.join(known)}")
-        modes = [m for m in modes if m.name in names or m.name == "f16"]
+            raise ValueError(f"mode(s) {', '.join(map(repr, bad))} not valid: expected some of "
+                             f"{', '.join(by_name)}, a cache type (q5_1, or K/V types as q8_0/q4_0) or a type and "
+                             "a merge joined by '+' (q4_0+aligned-head-w256)")
+        modes = [modes[0]] + [m for m in out if m.name != "f16"]
     return modes

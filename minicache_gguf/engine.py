@@ -61,6 +61,10 @@ struct llama_minicache_stats {
     int32_t merge_k;
     int32_t merge_v;
     int32_t n_pools;
+    int32_t type_k;
+    int32_t type_v;
+    int32_t attn_rot_k;
+    int32_t attn_rot_v;
     int64_t kv_size;
     int64_t n_slots;
     int64_t n_rows;
@@ -82,6 +86,7 @@ const char * llama_minicache_last_error(void);
 bool llama_minicache_get_stats(const struct llama_context * ctx, struct llama_minicache_stats * out);
 int32_t llama_minicache_get_pairs(const struct llama_context * ctx, struct llama_minicache_pair * out, int32_t n_max);
 int32_t llama_minicache_get_rows(const struct llama_context * ctx, int32_t il, int32_t kind, int32_t c0, int32_t n, float * out);
+int32_t llama_minicache_get_rotation(const struct llama_context * ctx, int32_t il, int32_t kind, float * out, int32_t n);
 int32_t llama_minicache_get_cells(const struct llama_context * ctx, int32_t il, int32_t kind, int32_t c0, int32_t n,
                                   uint8_t * state, float * dist);
 """

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 from . import _internals
 from .calibrate import pairs_for
-from .config import ConfigError, MergeConfig
+from .config import GGML_TYPES, ConfigError, MergeConfig, cache_type
 from .model import default_model_path
 from .validate import validate
 
@@ -71,6 +71,10 @@ class Llama(llama_cpp.Llama):
             raise TypeError(
                 f"Llama() got unknown keyword argument(s) {', '.join(hints)}; valid options are "
                 f"kv_merge and llama_cpp.Llama's: {', '.join(sorted(_STOCK_OPTIONS))}")
+        # KV cache types as llama.cpp's tools take them: names (q8_0) or ggml type numbers
+        for name in ("type_k", "type_v"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = GGML_TYPES[cache_type(kwargs[name], name)]
         self.merge_config = cfg = _resolve_kv_merge(kv_merge)
         if model_path is None:
             model_path = default_model_path()
@@ -149,7 +153,13 @@ class Llama(llama_cpp.Llama):
         (a merged cache saves its shared directions, norms and exact slots, not dense rows)."""
         state = super().save_state()
         state.kv_merge = None if self.merge_config is None else self.merge_config.to_dict()
+        state.kv_types = self._kv_types()
         return state
+
+    def _kv_types(self) -> str:
+        names = {v: k for k, v in GGML_TYPES.items()}
+        p = self.context_params
+        return f"K {names.get(p.type_k, p.type_k)}, V {names.get(p.type_v, p.type_v)}"
 
     def load_state(self, state) -> None:
         mine = None if self.merge_config is None else self.merge_config.to_dict()
@@ -157,6 +167,10 @@ class Llama(llama_cpp.Llama):
         if saved != mine:
             raise ValueError(f"load_state: the state was saved with kv_merge={saved}, this Llama has "
                              f"kv_merge={mine}: a KV state only loads into the same layout")
+        saved_types = getattr(state, "kv_types", self._kv_types())
+        if saved_types != self._kv_types():
+            raise ValueError(f"load_state: the state was saved with KV cache types {saved_types}, this Llama has "
+                             f"{self._kv_types()}: a KV state only loads into the same cache types")
         if self.merge_config is not None:
             _internals.set_pending(None)  # disarms nothing here; clears the engine's last error
         try:

@@ -17,6 +17,7 @@ RETENTION_MODES = ("topk", "threshold")
 __all__ = [
     "ANGLE_EPS", "RETENTION_MODES", "MergeResult", "row_norms", "slerp", "merge", "restore",
     "angular_distance", "retain_count", "retain_select", "fp32_to_fp16", "fp16_to_fp32",
+    "QUANT_TYPES", "quantize", "dequantize",
 ]
 
 
@@ -212,3 +213,65 @@ def fp32_to_fp16(x) -> np.ndarray:
 
 def fp16_to_fp32(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float16).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# ggml block quantization of rows, as the engine rounds them (the CPU backend's from_float on an
+# x86 AVX2 build, GGML_NATIVE=OFF): the oracle of the quantized merged cache
+# ---------------------------------------------------------------------------------------------
+
+#: types with a reference here: name -> (values per block, bytes per block)
+QUANT_TYPES = {"q8_0": (32, 34), "q4_0": (32, 18)}
+
+
+def _blocks(x, qtype: str) -> np.ndarray:
+    if qtype not in QUANT_TYPES:
+        raise ValueError(f"qtype={qtype!r} is not valid: expected one of {tuple(QUANT_TYPES)}")
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] % QUANT_TYPES[qtype][0]:
+        raise ValueError(f"rows must be [n_rows, n_embd] with n_embd a multiple of {QUANT_TYPES[qtype][0]}, got {x.shape}")
+    return x.reshape(-1, QUANT_TYPES[qtype][0])
+
+
+def quantize(x, qtype: str) -> np.ndarray:
+    """Rows [n, n_embd] float32 -> [n, row bytes] uint8 in ggml's block layout.
+    q8_0: d = amax/127, q = round-half-even(x * (127/amax)) (ggml-cpu's AVX2 quantize_row_q8_0);
+    q4_0: d = max/-8 (max: the value of largest magnitude, first on ties), q = min(15, trunc(x/d + 8.5))
+    (quantize_row_q4_0_ref). Scales are stored as f16 (round to nearest even)."""
+    b = _blocks(x, qtype)
+    n_rows = np.asarray(x).shape[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if qtype == "q8_0":
+            amax = np.abs(b).max(axis=1)
+            d = (amax / np.float32(127)).astype(np.float32)
+            inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+            q = np.rint(b * inv[:, None]).astype(np.int8)
+            out = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2), q.view(np.uint8)], axis=1)
+        else:
+            idx = np.abs(b).argmax(axis=1)
+            mx = b[np.arange(len(b)), idx]
+            d = (mx / np.float32(-8)).astype(np.float32)
+            inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+            v = (b * inv[:, None]).astype(np.float32) + np.float32(8.5)
+            q = np.minimum(15, np.trunc(v).astype(np.int8)).astype(np.uint8)
+            packed = q[:, :16] | (q[:, 16:] << 4)
+            out = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2), packed], axis=1)
+    return out.reshape(n_rows, -1)
+
+
+def dequantize(q, qtype: str, n_embd: int) -> np.ndarray:
+    """[n, row bytes] uint8 -> rows [n, n_embd] float32 (ggml's to_float: d * q exactly)."""
+    if qtype not in QUANT_TYPES:
+        raise ValueError(f"qtype={qtype!r} is not valid: expected one of {tuple(QUANT_TYPES)}")
+    blk, nbytes = QUANT_TYPES[qtype]
+    q = np.ascontiguousarray(q, dtype=np.uint8)
+    n_rows = q.shape[0]
+    b = q.reshape(-1, nbytes)
+    d = b[:, :2].copy().view(np.float16).astype(np.float32)
+    if qtype == "q8_0":
+        vals = b[:, 2:].view(np.int8).astype(np.float32)
+    else:
+        lo = (b[:, 2:] & 0x0F).astype(np.int8) - 8
+        hi = (b[:, 2:] >> 4).astype(np.int8) - 8
+        vals = np.concatenate([lo, hi], axis=1).astype(np.float32)
+    return (vals * d).reshape(n_rows, n_embd).astype(np.float32)

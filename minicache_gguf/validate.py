@@ -7,13 +7,13 @@ from __future__ import annotations
 from typing import Optional
 
 from .calfile import load_calibration
-from .config import GGML_TYPES, CalibrationError, ConfigError, MergeConfig
+from .config import GGML_TYPES, QUANTIZED_TYPES, CalibrationError, ConfigError, MergeConfig
 from .model import ModelInfo
 
 __all__ = ["validate", "MERGEABLE_TYPES"]
 
-#: the KV cache types merged layers can be stored in
-MERGEABLE_TYPES = ("f16", "f32")
+#: the KV cache types merged layers can be stored in (every KV cache type of llama.cpp's -ctk/-ctv)
+MERGEABLE_TYPES = tuple(GGML_TYPES)
 
 
 def validate(cfg: MergeConfig, model_path, llama_kwargs: Optional[dict] = None) -> ModelInfo:
@@ -38,8 +38,12 @@ def validate(cfg: MergeConfig, model_path, llama_kwargs: Optional[dict] = None) 
     for name in ("type_k", "type_v"):
         t = kw.get(name)
         if t is not None and names.get(t) not in MERGEABLE_TYPES:
-            problems.append(f"{name}={t} is not supported with kv_merge: merged layers are stored as "
-                            + " or ".join(f"{n} ({GGML_TYPES[n]})" for n in MERGEABLE_TYPES))
+            problems.append(f"{name}={t!r} is not supported with kv_merge: expected one of "
+                            + ", ".join(f"{n} ({GGML_TYPES[n]})" for n in MERGEABLE_TYPES))
+    tv = names.get(kw.get("type_v"))
+    if tv in QUANTIZED_TYPES and not kw.get("flash_attn"):
+        problems.append(f"type_v={tv} needs flash_attn=True (llama.cpp stores a quantized V cache only "
+                        "untransposed, for flash attention)")
     if kw.get("embedding"):
         problems.append("embedding=True is not supported with kv_merge (it uses several sequences)")
     if problems:

@@ -1,4 +1,4 @@
-"""Read and write the MiniCache section of a merged cache's per-sequence KV state (format v3), so
+"""Read and write the MiniCache section of a merged cache's per-sequence KV state (format v4), so
 that tests can forge states a user (or an attacker) could hand to load_state.
 
 Layout (llama_kv_minicache::state_write, patches/llama.cpp/src/llama-kv-cache-minicache.cpp):
@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass, field
 
 MAGIC = 0x564B434D
-VERSION = 3
+VERSION = 4
 STAGED, MERGED = 1, 2
 
 
@@ -40,13 +40,13 @@ class McState:
 
     @property
     def n_pools(self) -> int:
-        return self.layout[5]
+        return self.layout[9]
 
 
 def parse(blob: bytes, row: int) -> McState:
     """row: bytes of one K/V row of a pool (the default model at f16: 192 x 2)."""
     off = blob.find(struct.pack("<II", MAGIC, VERSION))
-    assert off > 0, "no MiniCache v3 section in this blob"
+    assert off > 0, "no MiniCache v4 section in this blob"
     o = off + 8
 
     def take(fmt):
@@ -62,7 +62,7 @@ def parse(blob: bytes, row: int) -> McState:
     for _ in range(n_cells):
         st, seq = take("<BQ")
         cell = Cell(st, seq)
-        for _ in range(layout[5]):
+        for _ in range(layout[9]):
             pc = PoolCell()
             if st == MERGED:
                 pc.dist, n0, n1 = take("<fff")

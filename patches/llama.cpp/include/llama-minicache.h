@@ -67,6 +67,10 @@ extern "C" {
         int32_t merge_k;
         int32_t merge_v;
         int32_t n_pools;          // (pair, K/V) combinations merged
+        int32_t type_k;           // ggml type of the K cache (merged pools store it too)
+        int32_t type_v;           // ggml type of the V cache
+        int32_t attn_rot_k;       // size of llama.cpp's Hadamard blocks on cached K rows (0: none)
+        int32_t attn_rot_v;       // the same for V
         int64_t kv_size;          // cells
         int64_t n_slots;          // exact slots per merged layer and kind (staging + retention)
         int64_t n_rows;           // rows allocated for them: n_slots + 1 zero row, padded to 256
@@ -102,6 +106,12 @@ extern "C" {
     // works for merged and ordinary layers; returns the row width, or -1 on bad arguments
     LLAMA_API int32_t llama_minicache_get_rows(
             const struct llama_context * ctx, int32_t il, int32_t kind, int32_t c0, int32_t n, float * out);
+
+    // the rotation an aligned pool applies (layer il / kind), in the basis of the cached rows (after
+    // llama.cpp's Hadamard rotation of quantized K/V: H R H): an n_embd x n_embd row-major matrix.
+    // copies up to n floats to out; returns n_embd^2, 0 if the pool has no rotation, -1 if not merged
+    LLAMA_API int32_t llama_minicache_get_rotation(
+            const struct llama_context * ctx, int32_t il, int32_t kind, float * out, int32_t n);
 
     // per-cell state (enum llama_minicache_cell_state) and angular distance of the pool holding
     // layer il / kind; returns 0, or -1 if that layer/kind is not merged

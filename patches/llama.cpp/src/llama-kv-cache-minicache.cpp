@@ -9,6 +9,7 @@
 #include "llama-model.h"
 
 #include "ggml-backend.h"
+#include "ggml-cpu.h"
 
 #ifdef LLAMA_MINICACHE
 #include "minicache.h"
@@ -148,9 +149,65 @@ static int32_t mc_type(ggml_type type) {
 }
 #endif
 
+// the core reads and writes f16/f32 rows itself; other cache types go through f32
+static bool mc_native(ggml_type type) {
+    return type == GGML_TYPE_F16 || type == GGML_TYPE_F32;
+}
+
+// the cache types a merged pool can have (llama.cpp's KV cache types)
+static bool mc_supported(ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_F32:
+        case GGML_TYPE_F16:
+        case GGML_TYPE_BF16:
+        case GGML_TYPE_Q8_0:
+        case GGML_TYPE_Q5_0:
+        case GGML_TYPE_Q5_1:
+        case GGML_TYPE_Q4_0:
+        case GGML_TYPE_Q4_1:
+        case GGML_TYPE_IQ4_NL:
+            return true;
+        default:
+            return false;
+    }
+}
+
+static void row_to_f32(ggml_type type, const void * src, int64_t n, float * dst) {
+    if (type == GGML_TYPE_F32) {
+        memcpy(dst, src, sizeof(float)*n);
+    } else if (type == GGML_TYPE_F16) {
+        ggml_fp16_to_fp32_row((const ggml_fp16_t *) src, dst, n);
+    } else {
+        ggml_get_type_traits(type)->to_float(src, dst, n);
+    }
+}
+
+// the CPU backend's conversion: the rounding of llama.cpp writing a row of this type (set_rows)
+static void row_from_f32(ggml_type type, const float * src, int64_t n, void * dst) {
+    if (type == GGML_TYPE_F32) {
+        memcpy(dst, src, sizeof(float)*n);
+    } else {
+        ggml_get_type_traits_cpu(type)->from_float(src, dst, n);
+    }
+}
+
 // merge n rows of two layers (contiguous, cache type) into dir, norms and distances
 static void mc_merge(ggml_type type, const void * x0, const void * x1, int64_t n, int64_t n_embd, float t, const float * rot,
         void * dir, float * norm0, float * norm1, float * dist) {
+    if (!mc_native(type)) {
+        // dequantize, merge in f32, quantize the directions
+        const size_t row = ggml_row_size(type, n_embd);
+        std::vector<float> f0(n*n_embd), f1(n*n_embd), fd(n*n_embd);
+        for (int64_t i = 0; i < n; ++i) {
+            row_to_f32(type, (const uint8_t *) x0 + i*row, n_embd, f0.data() + i*n_embd);
+            row_to_f32(type, (const uint8_t *) x1 + i*row, n_embd, f1.data() + i*n_embd);
+        }
+        mc_merge(GGML_TYPE_F32, f0.data(), f1.data(), n, n_embd, t, rot, fd.data(), norm0, norm1, dist);
+        for (int64_t i = 0; i < n; ++i) {
+            row_from_f32(type, fd.data() + i*n_embd, n_embd, (uint8_t *) dir + i*row);
+        }
+        return;
+    }
 #ifdef LLAMA_MINICACHE
     const int64_t es = ggml_type_size(type);
     const minicache_view v0 = { const_cast<void *>(x0), mc_type(type), es, es*n_embd };
@@ -167,8 +224,14 @@ static void mc_merge(ggml_type type, const void * x0, const void * x1, int64_t n
 #endif
 }
 
-// one restored row: the cache type's rounding of dir * norm (* rot^T)
+// one restored row: the cache type's rounding of dir * norm (* rot^T); f32 for other types
 static void mc_restore_row(ggml_type type, const void * dir, float norm, int64_t n_embd, const float * rot, float * out) {
+    if (!mc_native(type)) {
+        std::vector<float> f(n_embd);
+        row_to_f32(type, dir, n_embd, f.data());
+        mc_restore_row(GGML_TYPE_F32, f.data(), norm, n_embd, rot, out);
+        return;
+    }
 #ifdef LLAMA_MINICACHE
     const int64_t es = ggml_type_size(type);
     std::vector<uint8_t> tmp(es*n_embd);
@@ -194,14 +257,6 @@ static uint32_t mc_retain_count(uint32_t n, float gamma) {
 #else
     return (uint32_t) std::min<double>(n, std::ceil((double) gamma*n - 1e-7*n));
 #endif
-}
-
-static void row_to_f32(ggml_type type, const void * src, int64_t n, float * dst) {
-    if (type == GGML_TYPE_F16) {
-        ggml_fp16_to_fp32_row((const ggml_fp16_t *) src, dst, n);
-    } else {
-        memcpy(dst, src, sizeof(float)*n);
-    }
 }
 
 //
@@ -250,9 +305,14 @@ llama_kv_minicache::llama_kv_minicache(
     for (const auto & q : todo) {
         const char kc = q.kind == KIND_K ? 'K' : 'V';
         const ggml_type type = type_of(q.kind);
-        if (type != GGML_TYPE_F16 && type != GGML_TYPE_F32) {
-            throw std::runtime_error(format("type_%c=%s is not supported when merging %c: use f16 or f32",
+        if (!mc_supported(type)) {
+            throw std::runtime_error(format("type_%c=%s is not supported when merging %c: "
+                    "use f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1 or iq4_nl",
                     q.kind == KIND_K ? 'k' : 'v', ggml_type_name(type), kc));
+        }
+        if (q.kind == KIND_V && ggml_is_quantized(type) && v_trans) {
+            throw std::runtime_error(format("type_v=%s needs flash attention (a quantized V cache is not stored transposed)",
+                    ggml_type_name(type)));
         }
     }
 
@@ -293,6 +353,10 @@ llama_kv_minicache::llama_kv_minicache(
         if (ne_a != ne_b || nh_a != nh_b) {
             throw std::runtime_error(format("layers %d and %d have different %c widths (%u, %u): cannot merge them",
                     a, b, kc, ne_a, ne_b));
+        }
+        if (nh_a % ggml_blck_size(type_of(kind)) != 0) {
+            throw std::runtime_error(format("%c heads of %u values do not hold whole %s blocks of %lld: cannot merge layers %d and %d in this type",
+                    kc, nh_a, ggml_type_name(type_of(kind)), (long long) ggml_blck_size(type_of(kind)), a, b));
         }
 
         pool p;
@@ -444,6 +508,66 @@ void llama_kv_minicache::upload_rotations() {
     }
 }
 
+void llama_kv_minicache::set_attn_rot(bool rot_k, bool rot_v, uint32_t n_embd_head_k_all,
+        const std::unordered_map<int64_t, std::vector<float>> & hadamard) {
+    // the block sizes of llama_kv_cache::build_input_k_rot / build_input_v_rot
+    uint32_t nrot_k = 0;
+    if (rot_k) {
+        nrot_k = 64;
+        do {
+            nrot_k *= 2;
+        } while (n_embd_head_k_all % nrot_k == 0);
+        nrot_k /= 2;
+    }
+    n_attn_rot[KIND_K] = nrot_k;
+    n_attn_rot[KIND_V] = rot_v ? 64 : 0;
+
+    for (auto & p : pools) {
+        const uint32_t n = n_attn_rot[p.kind];
+        if (n == 0) {
+            continue;
+        }
+        p.r_hash = fnv1a(&n, sizeof(n), p.r_hash);
+        if (p.rot == LLAMA_MINICACHE_ROT_NONE) {
+            continue; // the same orthogonal H on both layers commutes with the plain merge
+        }
+        const auto it = hadamard.find(n);
+        if (it == hadamard.end() || p.n_embd_head % n != 0) {
+            throw std::runtime_error(format("no %ux%u Hadamard rotation for %c rows of %u-wide heads",
+                    n, n, p.kind == KIND_K ? 'K' : 'V', p.n_embd_head));
+        }
+        // the cache holds x H (H symmetric and orthogonal, one block of n per n values of a row):
+        // x_a R merged with x_b is (x_a H)(H R H) merged with x_b H. Per-head R stays per head (n | n_embd_head)
+        const std::vector<float> & h = it->second;
+        const uint32_t d = p.n_embd;
+        std::vector<double> tmp((size_t) d*d, 0.0);
+        for (uint32_t i = 0; i < d; ++i) {
+            const uint32_t bi = i - i % n;
+            for (uint32_t j = 0; j < d; ++j) {
+                double acc = 0.0;
+                for (uint32_t k = 0; k < n; ++k) {
+                    acc += (double) h[(size_t) (i - bi)*n + k]*p.r_full[(size_t) (bi + k)*d + j];
+                }
+                tmp[(size_t) i*d + j] = acc; // (H R)[i][j]
+            }
+        }
+        for (uint32_t i = 0; i < d; ++i) {
+            for (uint32_t j = 0; j < d; ++j) {
+                const uint32_t bj = j - j % n;
+                double acc = 0.0;
+                for (uint32_t k = 0; k < n; ++k) {
+                    acc += tmp[(size_t) i*d + bj + k]*h[(size_t) k*n + (j - bj)];
+                }
+                p.r_full[(size_t) i*d + j] = (float) acc;
+            }
+        }
+    }
+}
+
+ggml_type llama_kv_minicache::restored_type(int kind) const {
+    return ggml_is_quantized(type_of(kind)) ? GGML_TYPE_F16 : type_of(kind);
+}
+
 size_t llama_kv_minicache::size_bytes(int kind) const {
     size_t res = 0;
     for (const auto & p : pools) {
@@ -580,13 +704,16 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
     ggml_tensor * rows  = dir_trans(p) ? ggml_cont(ctx, ggml_transpose(ctx, p.rows[x])) : p.rows[x];
     ggml_tensor * exact = ggml_get_rows(ctx, rows, inp.gather_idxs[ip]);
 
-    // the rotated layer is computed in F32 and rounded to the cache type once, after R^T
+    // the rotated layer is computed in F32 and rounded to the cache type once, after R^T; other
+    // than f16/f32 directions are converted to F32 first and the result rounded to restored_type()
     const bool rotated = x == 0 && p.rot != LLAMA_MINICACHE_ROT_NONE;
+    const bool to_f32  = rotated || !mc_native(p.dir->type);
+    const ggml_type type_out = restored_type(p.kind);
 
     if (dir_trans(p)) {
         // [n_kv, n_embd]: dir * norm per cell
         ggml_tensor * dir = ggml_view_2d(ctx, p.dir, n_kv, p.n_embd, p.dir->nb[1], 0);
-        if (rotated && dir->type != GGML_TYPE_F32) {
+        if (to_f32 && dir->type != GGML_TYPE_F32) {
             dir = ggml_cast(ctx, dir, GGML_TYPE_F32);
         }
         ggml_tensor * cur = ggml_mul(ctx, dir, ggml_reshape_2d(ctx, norm, n_kv, 1));
@@ -604,6 +731,9 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
         if (!v_trans) {
             // flash attention reads V as rows [n_embd, n_kv]
             cur = ggml_add(ctx, cur, exact);
+            if (cur->type != type_out) {
+                cur = ggml_cast(ctx, cur, type_out);
+            }
 
             const size_t es = ggml_element_size(cur);
 
@@ -616,6 +746,9 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
         }
 
         cur = ggml_add(ctx, cur, ggml_cont(ctx, ggml_transpose(ctx, exact)));
+        if (cur->type != type_out) {
+            cur = ggml_cast(ctx, cur, type_out);
+        }
 
         const size_t es = ggml_element_size(cur);
 
@@ -628,7 +761,7 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
     }
 
     ggml_tensor * dir = ggml_view_2d(ctx, p.dir, p.n_embd, n_kv, p.dir->nb[1], 0);
-    if (rotated && dir->type != GGML_TYPE_F32) {
+    if (to_f32 && dir->type != GGML_TYPE_F32) {
         dir = ggml_cast(ctx, dir, GGML_TYPE_F32);
     }
     ggml_tensor * cur = ggml_mul(ctx, dir, ggml_reshape_2d(ctx, norm, 1, n_kv));
@@ -636,6 +769,9 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
         cur = unrotate(ctx, p, cur);
     }
     cur = ggml_add(ctx, cur, exact);
+    if (cur->type != type_out) {
+        cur = ggml_cast(ctx, cur, type_out);
+    }
 
     const size_t es = ggml_element_size(cur);
 
@@ -668,7 +804,7 @@ ggml_tensor * llama_kv_minicache::unrotate(ggml_context * ctx, const pool & p, g
         res = ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, res, 0, 2, 1, 3)), dh*nh, n);
     }
 
-    return ggml_cast(ctx, res, type_of(p.kind));
+    return ggml_cast(ctx, res, restored_type(p.kind));
 }
 
 // gather along dim 0 of x [n0, n1, n2] with idx [m] (values < n0): [m, n1, n2]
@@ -679,6 +815,23 @@ static ggml_tensor * gather_dim0(ggml_context * ctx, ggml_tensor * x, ggml_tenso
     t = ggml_get_rows(ctx, ggml_reshape_2d(ctx, t, n1*n2, x->ne[0]), idx);   // [n1*n2, m]
     t = ggml_reshape_3d(ctx, t, n1, n2, idx->ne[0]);
     return ggml_cont(ctx, ggml_permute(ctx, t, 1, 2, 0, 3));                 // [m, n1, n2]
+}
+
+// sum over n rows weighted per token and query head, for rows stored untransposed (quantized V):
+// x [dh, n, n_head_kv] (rows of dh values), w [n, n_tokens, n_head] contiguous -> [dh, n_tokens, n_head].
+// query head h reads KV head h / (n_head / n_head_kv), as llama.cpp broadcasts them
+static ggml_tensor * weighted_rows(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w) {
+    const int64_t n         = w->ne[0];
+    const int64_t n_tokens  = w->ne[1];
+    const int64_t n_head    = w->ne[2];
+    const int64_t n_head_kv = x->ne[2];
+    const int64_t g         = n_head/n_head_kv;
+
+    ggml_tensor * wt = ggml_reshape_4d(ctx, w, n, n_tokens, g, n_head_kv);
+    wt = ggml_cont(ctx, ggml_permute(ctx, wt, 2, 0, 1, 3));   // [n_tokens, g, n, n_head_kv]
+    wt = ggml_reshape_3d(ctx, wt, n_tokens*g, n, n_head_kv);
+    ggml_tensor * res = ggml_out_prod(ctx, x, wt);            // [dh, n_tokens*g, n_head_kv]
+    return ggml_reshape_3d(ctx, res, x->ne[0], n_tokens, n_head);
 }
 
 ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q_cur, ggml_tensor * k_dense, ggml_tensor * v_dense,
@@ -702,7 +855,7 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
     } else {
         const auto & p = pools[ipk];
         const int x = il == p.il[0] ? 0 : 1;
-        const size_t es = ggml_element_size(p.dir);
+        const size_t rh = ggml_row_size(p.dir->type, n_embd_head_k); // one head of a row (whole blocks)
 
         // merged cells: norm_c * (dir_c . q), or norm_c * (dir_c . q R) for the rotated layer
         const int32_t rot = x == 0 ? p.rot : LLAMA_MINICACHE_ROT_NONE;
@@ -718,14 +871,14 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
         } else {
             // per head: q_h R_h
             ggml_tensor * qr = rot == LLAMA_MINICACHE_ROT_HEAD ? ggml_mul_mat(ctx, p.rot_t, q) : q;
-            ggml_tensor * dir = ggml_view_3d(ctx, p.dir, n_embd_head_k, n_head_kv, n_kv, es*n_embd_head_k, p.dir->nb[1], 0);
+            ggml_tensor * dir = ggml_view_3d(ctx, p.dir, n_embd_head_k, n_head_kv, n_kv, rh, p.dir->nb[1], 0);
             kq = ggml_mul_mat(ctx, ggml_permute(ctx, dir, 0, 2, 1, 3), qr);
             ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
         }
         kq = ggml_mul(ctx, kq, ggml_view_1d(ctx, p.norm[x], n_kv, 0)); // 0 for cells read from a slot
 
         // exact cells: x_c . q, gathered by slot (cells without a slot get the zero row's 0)
-        ggml_tensor * rows = ggml_view_3d(ctx, p.rows[x], n_embd_head_k, n_head_kv, n_rows, es*n_embd_head_k, p.rows[x]->nb[1], 0);
+        ggml_tensor * rows = ggml_view_3d(ctx, p.rows[x], n_embd_head_k, n_head_kv, n_rows, rh, p.rows[x]->nb[1], 0);
         ggml_tensor * kq_x = ggml_mul_mat(ctx, ggml_permute(ctx, rows, 0, 2, 1, 3), q); // [n_rows, n_tokens, n_head]
         ggml_mul_mat_set_prec(kq_x, GGML_PREC_F32);
         kq = ggml_add(ctx, kq, gather_dim0(ctx, kq_x, inp.gather_idxs[ipk]));
@@ -741,12 +894,29 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
         const auto & p = pools[ipv];
         const int x = il == p.il[0] ? 0 : 1;
 
-        GGML_ASSERT(dir_trans(p));
-
         // merged cells: sum_c (p_c norm_c) dir_c, rotated back once per output row for the rotated layer
         const int32_t rot = x == 0 ? p.rot : LLAMA_MINICACHE_ROT_NONE;
         ggml_tensor * kqn  = ggml_mul(ctx, kq, ggml_view_1d(ctx, p.norm[x], n_kv, 0)); // 0 for cells read from a slot
-        if (rot == LLAMA_MINICACHE_ROT_FULL) {
+        if (!dir_trans(p)) {
+            // quantized V, stored by rows: weighted sums of whole rows (blocks run along the row)
+            const size_t rh = ggml_row_size(p.dir->type, n_embd_head_v);
+            if (rot == LLAMA_MINICACHE_ROT_FULL) {
+                ggml_tensor * dir = ggml_view_3d(ctx, p.dir, p.n_embd, n_kv, 1, p.dir->nb[1], p.dir->nb[1]*n_kv, 0);
+                ggml_tensor * u = weighted_rows(ctx, dir,
+                        ggml_reshape_3d(ctx, kqn, n_kv, kqn->ne[1], kqn->ne[2])); // [n_embd, n_tokens, n_head]
+                const size_t ef = ggml_element_size(p.rot_t);
+                ggml_tensor * w = ggml_view_3d(ctx, p.rot_t, p.n_embd, n_embd_head_v, n_head_kv, ef*p.n_embd, ef*p.n_embd*n_embd_head_v, 0);
+                kqv = ggml_mul_mat(ctx, w, u);
+            } else {
+                ggml_tensor * dir = ggml_view_3d(ctx, p.dir, n_embd_head_v, n_kv, n_head_kv, p.dir->nb[1], rh, 0);
+                kqv = weighted_rows(ctx, dir, kqn);
+                if (rot == LLAMA_MINICACHE_ROT_HEAD) {
+                    kqv = ggml_mul_mat(ctx, p.rot_t, kqv);
+                }
+            }
+            ggml_tensor * rows = ggml_view_3d(ctx, p.rows[x], n_embd_head_v, n_rows, n_head_kv, p.rows[x]->nb[1], rh, 0);
+            kqv = ggml_add(ctx, kqv, weighted_rows(ctx, rows, gather_dim0(ctx, kq, inp.slot_cells[ipv])));
+        } else if (rot == LLAMA_MINICACHE_ROT_FULL) {
             // each head sums whole direction rows [n_embd, n_tokens, n_head], then R^T maps them to its head
             ggml_tensor * dir = ggml_view_2d(ctx, p.dir, n_kv, p.n_embd, p.dir->nb[1], 0);
             ggml_tensor * u = ggml_mul_mat(ctx, dir, ggml_reshape_2d(ctx, kqn, n_kv, kqn->ne[1]*kqn->ne[2]));
@@ -762,10 +932,12 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
             }
         }
 
-        // exact cells: sum_s p_cell(s) x_s (free slots hold zero rows)
-        ggml_tensor * rows_t = ggml_view_3d(ctx, p.rows[x], n_rows, n_embd_head_v, n_head_kv,
-                p.rows[x]->nb[1], p.rows[x]->nb[1]*n_embd_head_v, 0); // [n_rows, n_embd] stored transposed
-        kqv = ggml_add(ctx, kqv, ggml_mul_mat(ctx, rows_t, gather_dim0(ctx, kq, inp.slot_cells[ipv])));
+        if (dir_trans(p)) {
+            // exact cells: sum_s p_cell(s) x_s (free slots hold zero rows)
+            ggml_tensor * rows_t = ggml_view_3d(ctx, p.rows[x], n_rows, n_embd_head_v, n_head_kv,
+                    p.rows[x]->nb[1], p.rows[x]->nb[1]*n_embd_head_v, 0); // [n_rows, n_embd] stored transposed
+            kqv = ggml_add(ctx, kqv, ggml_mul_mat(ctx, rows_t, gather_dim0(ctx, kq, inp.slot_cells[ipv])));
+        }
     }
 
     ggml_tensor * cur = ggml_permute(ctx, kqv, 0, 2, 1, 3); // [n_embd_head_v, n_head, n_tokens]
@@ -815,7 +987,7 @@ void llama_kv_minicache::sync_norm(pool & p, uint32_t c) const {
 void llama_kv_minicache::write_vec(const pool & p, ggml_tensor * t, uint32_t idx, const uint8_t * row) const {
     const size_t es = ggml_type_size(type_of(p.kind));
     if (!dir_trans(p)) {
-        ggml_backend_tensor_set(t, row, idx*t->nb[1], es*p.n_embd);
+        ggml_backend_tensor_set(t, row, idx*t->nb[1], ggml_row_size(t->type, p.n_embd));
     } else if (ggml_backend_buffer_is_host(t->buffer)) {
         uint8_t * base = (uint8_t *) t->data;
         for (uint32_t j = 0; j < p.n_embd; ++j) {
@@ -831,7 +1003,7 @@ void llama_kv_minicache::write_vec(const pool & p, ggml_tensor * t, uint32_t idx
 void llama_kv_minicache::read_vec(const pool & p, ggml_tensor * t, uint32_t idx, uint8_t * row) const {
     const size_t es = ggml_type_size(type_of(p.kind));
     if (!dir_trans(p)) {
-        ggml_backend_tensor_get(t, row, idx*t->nb[1], es*p.n_embd);
+        ggml_backend_tensor_get(t, row, idx*t->nb[1], ggml_row_size(t->type, p.n_embd));
     } else if (ggml_backend_buffer_is_host(t->buffer)) {
         const uint8_t * base = (const uint8_t *) t->data;
         for (uint32_t j = 0; j < p.n_embd; ++j) {
@@ -1050,14 +1222,15 @@ void llama_kv_minicache::clear() {
 //
 
 static constexpr uint32_t MC_STATE_MAGIC   = 0x564B434D; // "MCKV"
-static constexpr uint32_t MC_STATE_VERSION = 3;
+static constexpr uint32_t MC_STATE_VERSION = 4;
 
-// what a state depends on: retention, window, the slot capacities (from n_ctx and n_ubatch), the pools
-static constexpr size_t MC_LAYOUT_HEAD = 6;
+// what a state depends on: retention, window, the slot capacities (from n_ctx and n_ubatch), the
+// cache types and llama.cpp's Hadamard blocks (the basis of the stored rows), the pools
+static constexpr size_t MC_LAYOUT_HEAD = 10;
 
 std::vector<int32_t> llama_kv_minicache::layout_desc() const {
     std::vector<int32_t> res = { params.retention, params.window, (int32_t) kv_size, (int32_t) n_stage, (int32_t) n_retain_max,
-        (int32_t) pools.size() };
+        (int32_t) type_k, (int32_t) type_v, (int32_t) n_attn_rot[KIND_K], (int32_t) n_attn_rot[KIND_V], (int32_t) pools.size() };
     for (const auto & p : pools) {
         res.push_back(p.kind);
         res.push_back(p.il[0]);
@@ -1069,8 +1242,10 @@ std::vector<int32_t> llama_kv_minicache::layout_desc() const {
 }
 
 static std::string layout_str(const std::vector<int32_t> & l, float t, float gamma) {
-    std::string res = format("retention %d, window %d, %d cells, %d staging + %d retention slots, t %.3f, gamma %.3f, %d pools:",
-            l[0], l[1], l[2], l[3], l[4], t, gamma, l[5]);
+    const auto type_name = [](int32_t t) { return t >= 0 && t < GGML_TYPE_COUNT ? ggml_type_name((ggml_type) t) : "?"; };
+    std::string res = format("retention %d, window %d, %d cells, %d staging + %d retention slots, K %s, V %s, "
+            "Hadamard K %d V %d, t %.3f, gamma %.3f, %d pools:",
+            l[0], l[1], l[2], l[3], l[4], type_name(l[5]), type_name(l[6]), l[7], l[8], t, gamma, l[9]);
     for (size_t i = MC_LAYOUT_HEAD; i + 4 < l.size(); i += 5) {
         res += format(" %c(%d,%d)%s", l[i] == 0 ? 'K' : 'V', l[i + 1], l[i + 1] + 1,
                 l[i + 2] == LLAMA_MINICACHE_ROT_FULL ? "+R" : l[i + 2] == LLAMA_MINICACHE_ROT_HEAD ? "+Rh" : "");
@@ -1280,6 +1455,10 @@ void llama_kv_minicache::fill_stats(llama_minicache_stats & st) const {
         st.rot_bytes += p.rot_t ? ggml_nbytes(p.rot_t) : 0;
     }
     st.n_pools      = (int32_t) pools.size();
+    st.type_k       = type_k;
+    st.type_v       = type_v;
+    st.attn_rot_k   = (int32_t) n_attn_rot[KIND_K];
+    st.attn_rot_v   = (int32_t) n_attn_rot[KIND_V];
     st.kv_size      = kv_size;
     st.n_slots      = n_slots;
     st.n_rows       = n_rows;
@@ -1328,6 +1507,18 @@ int32_t llama_kv_minicache::get_rows(int32_t il, int kind, int32_t c0, int32_t n
         }
     }
     return (int32_t) p.n_embd;
+}
+
+int32_t llama_kv_minicache::get_rotation(int32_t il, int kind, float * out, int32_t n) const {
+    const auto & p = pools[pool_of[2*il + kind]];
+    if (p.rot == LLAMA_MINICACHE_ROT_NONE) {
+        return 0;
+    }
+    const int32_t n_r = (int32_t) p.r_full.size();
+    if (out) {
+        memcpy(out, p.r_full.data(), sizeof(float)*std::min(n, n_r));
+    }
+    return n_r;
 }
 
 int32_t llama_kv_minicache::get_cells(int32_t il, int kind, int32_t c0, int32_t n, uint8_t * state, float * dist) const {
@@ -1438,6 +1629,21 @@ ggml_tensor * llama_kv_cache::build_attn_minicache(ggml_context * ctx, ggml_tens
             hparams.n_embd_head_k(il), hparams.n_embd_head_v(il), hparams.n_head_kv(il), *mc_inp);
 }
 
+void llama_kv_cache::minicache_set_attn_rot() {
+    if (!mc) {
+        return;
+    }
+    try {
+        mc->set_attn_rot(attn_rot_k, attn_rot_v, n_embd_head_k_all, attn_rot_hadamard);
+    } catch (const std::exception & e) {
+        llama_minicache_set_error(e.what());
+        throw std::runtime_error(std::string("MiniCache: ") + e.what());
+    }
+    if (!hparams.no_alloc) {
+        mc->upload_rotations();
+    }
+}
+
 void llama_kv_cache::minicache_sync() {
     if (mc) {
         mc->forget_freed(v_cells[0]);
@@ -1480,13 +1686,13 @@ int32_t llama_kv_cache::minicache_get_rows(int32_t il, int kind, int32_t c0, int
 
     const auto & layer = layers[map_layer_ids.at(il)];
     ggml_tensor * t = kind == 0 ? layer.k : layer.v;
-    if (t == nullptr || (t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_F32)) {
+    if (t == nullptr || !mc_supported(t->type)) {
         return -1;
     }
     const int64_t n_embd = kind == 0 ? hparams.n_embd_k_gqa(il) : hparams.n_embd_v_gqa(il);
     const size_t es = ggml_type_size(t->type);
 
-    std::vector<uint8_t> buf(es*t->ne[0]);
+    std::vector<uint8_t> buf(ggml_row_size(t->type, t->ne[0]));
     if (kind == 1 && v_trans) {
         // element (cell c, dim j) at j*kv_size + c
         const uint64_t kv_size = get_size();
@@ -1501,7 +1707,7 @@ int32_t llama_kv_cache::minicache_get_rows(int32_t il, int kind, int32_t c0, int
         }
     } else {
         for (int32_t i = 0; i < n; ++i) {
-            ggml_backend_tensor_get(t, buf.data(), (c0 + i)*t->nb[1], es*t->ne[0]);
+            ggml_backend_tensor_get(t, buf.data(), (c0 + i)*t->nb[1], buf.size());
             row_to_f32(t->type, buf.data(), n_embd, out + (size_t) i*n_embd);
         }
     }
@@ -1519,6 +1725,11 @@ static llama_kv_cache * kv_of(const llama_context * ctx) {
 bool llama_minicache_active(llama_memory_i * mem) {
     auto * kv = dynamic_cast<llama_kv_cache *>(mem);
     return kv && kv->get_minicache();
+}
+
+uint32_t llama_minicache_graph_nodes(llama_memory_i * mem) {
+    auto * kv = dynamic_cast<llama_kv_cache *>(mem);
+    return kv && kv->get_minicache() ? kv->get_minicache()->n_graph_nodes() : 0;
 }
 
 llama_minicache_params llama_minicache_default_params(void) {
@@ -1605,6 +1816,14 @@ int32_t llama_minicache_get_rows(const llama_context * ctx, int32_t il, int32_t 
     }
     llama_synchronize(const_cast<llama_context *>(ctx));
     return kv->minicache_get_rows(il, kind, c0, n, out);
+}
+
+int32_t llama_minicache_get_rotation(const llama_context * ctx, int32_t il, int32_t kind, float * out, int32_t n) {
+    auto * kv = kv_of(ctx);
+    if (!kv || !kv->get_minicache() || !kv->get_minicache()->is_merged(il, kind) || n < 0 || (n > 0 && !out)) {
+        return -1;
+    }
+    return kv->get_minicache()->get_rotation(il, kind, out, n);
 }
 
 int32_t llama_minicache_get_cells(const llama_context * ctx, int32_t il, int32_t kind, int32_t c0, int32_t n, uint8_t * state, float * dist) {

@@ -4,10 +4,11 @@
 //
 // Per merged pair (a, b = a + 1) and per merged kind (K or V), a "pool" holds:
 //   dir     [n_embd, kv_size]     the shared unit direction of every cell, in the cache type
-//                                 (V: transposed, [kv_size, n_embd]: the attention sums over cells)
+//                                 (V of a float type: transposed, [kv_size, n_embd]: the attention
+//                                 sums over cells; quantized V is stored by rows, as llama.cpp does)
 //   norm[x] [1, kv_size] F32      the per-cell norm of layer a (x = 0) and b (x = 1)
 //   rows[x] [n_embd, n_rows]      exact rows of the cells that own a slot; rows n_slots.. stay 0
-//                                 (V: transposed, [n_rows, n_embd], like the directions)
+//                                 (laid out like the directions)
 //   rot     F32                   aligned pools: the rotation R of layer a (merged as x_a * R), laid out
 //                                 for the decoding fold (K: R^T row-major, V: R row-major; per-head
 //                                 blocks [n_embd_head, n_embd_head, n_head_kv] for ROT_HEAD)
@@ -24,6 +25,7 @@
 #include <functional>
 #include <queue>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 struct llama_hparams;
@@ -31,6 +33,11 @@ struct llama_memory_i;
 class llama_kv_cells;
 class llama_io_write_i;
 class llama_io_read_i;
+
+// Quantized and bf16 cache types: the merge dequantizes the exact rows, merges them in f32 in the
+// native core and quantizes the direction with the CPU backend's own conversion (the rounding of
+// llama.cpp writing that type); norms stay F32. Rows written with llama.cpp's Hadamard rotation
+// (attn_rot_k/v) are merged in that basis: an aligned pool's R becomes H R H (set_attn_rot).
 
 // ubatches up to this many tokens attend merged layers with the norms folded in (with or without flash
 // attention: the folded attention is the plain softmax one); larger ones restore K/V
@@ -79,11 +86,20 @@ public:
     // number of tensors create_tensors() adds (to size the no_alloc contexts)
     size_t n_tensors() const;
 
+    // graph nodes the merged layers add at most (both attention paths, rotations, gathers)
+    uint32_t n_graph_nodes() const { return 64*(uint32_t) pools.size(); }
+
     // create the tensors in the (no_alloc) context of each layer's buffer type
     void create_tensors(const std::function<ggml_context * (int32_t il)> & ctx_of_layer);
 
     // write the rotations of aligned pools to their tensors (after the buffers are allocated or cleared)
     void upload_rotations();
+
+    // llama.cpp rotates quantized K (V) rows with a Hadamard matrix before caching them (attn_rot_k/v,
+    // the matrices by size): aligned pools move their rotation into that basis. Call once, before
+    // the first ubatch, then upload_rotations()
+    void set_attn_rot(bool rot_k, bool rot_v, uint32_t n_embd_head_k_all,
+            const std::unordered_map<int64_t, std::vector<float>> & hadamard);
 
     uint32_t get_n_stage() const { return n_stage; }
 
@@ -143,6 +159,7 @@ public:
     void    fill_stats(llama_minicache_stats & st) const;
     int32_t get_pairs(llama_minicache_pair * out, int32_t n_max) const;
     int32_t get_rows (int32_t il, int kind, int32_t c0, int32_t n, float * out) const;
+    int32_t get_rotation(int32_t il, int kind, float * out, int32_t n) const;
     int32_t get_cells(int32_t il, int kind, int32_t c0, int32_t n, uint8_t * state, float * dist) const;
 
     std::string describe() const;
@@ -184,6 +201,8 @@ private:
     const uint32_t  kv_size;
     const bool      v_trans; // the cache's V is transposed (flash attention off): restored V is returned that way
 
+    uint32_t n_attn_rot[2] = { 0, 0 }; // size of llama.cpp's Hadamard blocks on K and V rows (0: none)
+
     int32_t  start_layer  = 0;
     int32_t  n_pairs      = 0;
     uint32_t n_stage      = 0; // staging capacity: max(window, n_ubatch)
@@ -205,8 +224,12 @@ private:
 
     ggml_type type_of(int kind) const { return kind == KIND_K ? type_k : type_v; }
 
-    // V directions and exact rows are stored transposed: the attention sums over cells and slots
-    bool dir_trans(const pool & p) const { return p.kind == KIND_V; }
+    // the type merged layers are restored to in the graph: the cache type, f16 for quantized types
+    ggml_type restored_type(int kind) const;
+
+    // V directions and exact rows of a float type are stored transposed: the attention sums over
+    // cells and slots (quantized V is stored by rows: its blocks run along the row)
+    bool dir_trans(const pool & p) const { return p.kind == KIND_V && !ggml_is_quantized(type_v); }
 
     void release_cell(uint32_t c);
     int32_t take_slot(pool & p, uint32_t c); // -1 when the pool has no free slot
@@ -244,3 +267,7 @@ void llama_minicache_set_error(const std::string & msg);
 
 // whether a memory module is a KV cache with merged layers (its ubatches need the host merge step)
 bool llama_minicache_active(llama_memory_i * mem);
+
+// graph nodes the merged layers of a memory module add to a stock graph (an upper bound, for
+// llama_context::graph_max_nodes); 0 for any other memory
+uint32_t llama_minicache_graph_nodes(llama_memory_i * mem);

@@ -1,0 +1,159 @@
+"""Merging stacked on quantized KV caches (q8_0, q4_0, ...): real engine, real default model,
+the NumPy reference (dequantize -> merge -> quantize) as the oracle."""
+
+import numpy as np
+import pydoc_data.topics
+import pytest
+
+from minicache_gguf import ConfigError, Llama, MergeConfig, _internals, reference
+from minicache_gguf.calfile import SHIPPED_DIR, load_calibration
+from minicache_gguf.config import GGML_TYPES
+from minicache_gguf.model import ModelInfo
+
+N_LAYER, N_EMBD, N_HEAD_KV, HEAD = 30, 192, 3, 64
+
+
+@pytest.fixture(scope="module")
+def tokens(model_path):
+    text = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    llm = Llama(model_path, n_ctx=64, vocab_only=True, verbose=False)
+    return llm.tokenize(text[:30000].encode())
+
+
+@pytest.fixture(scope="module")
+def shipped(model_path):
+    files = sorted(SHIPPED_DIR.glob("*.gguf"))
+    assert files, "no shipped calibration"
+    return files[0]
+
+
+def hadamard(n: int) -> np.ndarray:
+    """llama.cpp's orthonormal Walsh-Hadamard matrix (Sylvester order, symmetric)."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+def full_rotation(spec) -> np.ndarray:
+    if spec.form == "full":
+        return spec.r.astype(np.float64)
+    r = np.zeros((N_EMBD, N_EMBD))
+    for h in range(N_HEAD_KV):
+        r[h * HEAD:(h + 1) * HEAD, h * HEAD:(h + 1) * HEAD] = spec.r[h]
+    return r
+
+
+def quant_llama(model_path, qtype, **kw):
+    t = GGML_TYPES[qtype]
+    return Llama(model_path, n_ctx=512, flash_attn=True, logits_all=True, verbose=False, type_k=t, type_v=t, **kw)
+
+
+@pytest.mark.parametrize("aligned", [False, True], ids=["paper", "aligned"])
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_quantized_merge_oracle(model_path, tokens, shipped, qtype, aligned):
+    """Restored K/V of every merged pool == the reference: the exact rows llama.cpp wrote,
+    dequantized, merged in the native core's arithmetic, the direction quantized with the CPU
+    backend's rounding, dequantized and scaled by the norm — bit for bit; retained set == the
+    reference's. Aligned pools run in llama.cpp's Hadamard basis: the engine's rotation is H R H."""
+    n, w, gamma = 300, 64, 0.05
+    cfg = MergeConfig(window=w, gamma=gamma, calibration=shipped if aligned else None)
+    mc = quant_llama(model_path, qtype, kv_merge=cfg)
+    stats = mc.kv_stats()
+    assert (stats.hadamard_k, stats.hadamard_v) == (HEAD, HEAD)
+    mc.eval(tokens[:n])
+    pools = _internals.get_pairs(mc._ctx.ctx)
+    rows = {(p.kind, l): _internals.get_rows(mc._ctx.ctx, l, p.kind, 0, n, N_EMBD)
+            for p in pools for l in (p.layer, p.layer + 1)}
+    mc.eval(tokens[n:n + 1])
+    n_m = n - w
+    assert mc.kv_stats().tokens_merged == n_m
+
+    specs = {(p.kind, p.layer): p for p in (load_calibration(shipped, ModelInfo.of(model_path)).pairs if aligned else [])}
+    h = np.kron(np.eye(N_EMBD // HEAD), hadamard(HEAD))
+    for p in pools:
+        a, b = p.layer, p.layer + 1
+        rot = _internals.get_rotation(mc._ctx.ctx, a, p.kind)
+        if aligned:
+            # the calibrated R moved into the basis of the cached rows
+            np.testing.assert_allclose(rot, h @ full_rotation(specs[p.kind, a]) @ h, atol=2e-6)
+        else:
+            assert rot is None
+        ref = reference.merge(rows[p.kind, a][:n_m], rows[p.kind, b][:n_m], cfg.t, rot=rot)
+        qdir = reference.dequantize(reference.quantize(ref.dir, qtype), qtype, N_EMBD)
+        keep = reference.retain_select(ref.dist, gamma)
+        state, dist = _internals.get_cells(mc._ctx.ctx, a, p.kind, 0, n)
+        assert np.array_equal(state[:n_m] == 3, keep), f"retained set of {p.kind}{a}"
+        np.testing.assert_allclose(dist[:n_m], ref.dist, atol=2e-6)
+        for layer, norm, r in ((a, ref.norm0, rot), (b, ref.norm1, None)):
+            want = reference.restore(qdir, norm, rot=r)
+            want[keep] = rows[p.kind, layer][:n_m][keep]
+            got = _internals.get_rows(mc._ctx.ctx, layer, p.kind, 0, n, N_EMBD)
+            assert np.array_equal(got[:n_m], want), f"{qtype} {p.kind}{layer}: max |diff| {np.abs(got[:n_m] - want).max()}"
+            assert np.array_equal(got[n_m:], rows[p.kind, layer][n_m:])
+
+
+def kld(p_logits, q_logits) -> np.ndarray:
+    p = np.exp(p_logits - p_logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    q = np.exp(q_logits - q_logits.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    return np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30)), axis=-1)
+
+
+def _decode_logits(llm, toks, n_prompt):
+    llm.eval(toks[:n_prompt])
+    for t in toks[n_prompt:]:
+        llm.eval([t])
+    return llm.scores[n_prompt - 1:len(toks) - 1].copy()
+
+
+def test_errors_do_not_amplify_on_q8_0(model_path, tokens, shipped):
+    """Aligned merging stacked on q8_0 (decoding: the norms folded into attention over quantized
+    directions) costs about what it costs on f16: KLD(q8_0 -> q8_0 + merge) <= 1.3 x KLD(f16 -> f16
+    + merge) + 0.005 over 24 decoded tokens. A wrong basis for the rotations (H R H) would cost
+    as much as the unaligned merge (~1 nat)."""
+    toks = tokens[:424]
+    cost = {}
+    for qtype in ("f16", "q8_0"):
+        base = _decode_logits(quant_llama(model_path, qtype), toks, 400)
+        merged = _decode_logits(quant_llama(model_path, qtype, kv_merge=MergeConfig(window=64, calibration=shipped)), toks, 400)
+        cost[qtype] = float(kld(base, merged).mean())
+    assert cost["q8_0"] <= 1.3 * cost["f16"] + 0.005, cost
+    assert cost["f16"] < 0.2, cost
+
+
+def test_quantized_state_round_trip_and_type_refusal(model_path, tokens):
+    cfg = MergeConfig(window=32)
+    llm = quant_llama(model_path, "q4_0", kv_merge=cfg)
+    llm.eval(tokens[:300])
+    state = llm.save_state()
+    llm.eval(tokens[300:310])
+    first = llm.scores[300:310].copy()
+    other = quant_llama(model_path, "q4_0", kv_merge=cfg)
+    other.load_state(state)
+    other.eval(tokens[300:310])
+    assert np.array_equal(other.scores[300:310], first)
+    # the same layout in another cache type is refused, naming both
+    q8 = quant_llama(model_path, "q8_0", kv_merge=cfg)
+    with pytest.raises(ValueError, match="saved with KV cache types K q4_0, V q4_0, this Llama has K q8_0, V q8_0"):
+        q8.load_state(state)
+    # a raw blob (no Python metadata) is refused by llama.cpp, and the cache stays usable
+    del state.kv_types
+    with pytest.raises(RuntimeError, match="llama.cpp refused the state"):
+        q8.load_state(state)
+    q8.eval(tokens[:40])
+    assert np.all(np.isfinite(q8.scores[:40]))
+
+
+def test_quantized_refusals(model_path):
+    with pytest.raises(ConfigError, match="type_v=q4_0 needs flash_attn=True"):
+        Llama(model_path, n_ctx=512, verbose=False, type_v=GGML_TYPES["q4_0"], kv_merge=True)
+    with pytest.raises(ConfigError, match="type_k=12 is not valid: expected one of f32 \\(0\\)"):
+        Llama(model_path, n_ctx=512, verbose=False, flash_attn=True, type_k=12, kv_merge=True)
+    with pytest.raises(ConfigError, match="type_k='q3' is not valid: expected one of f32 \\(0\\), f16 \\(1\\)"):
+        Llama(model_path, n_ctx=512, verbose=False, type_k="q3", kv_merge=True)
+    # names are accepted like llama.cpp's -ctk/-ctv; quantized K works with flash attention off
+    llm = Llama(model_path, n_ctx=512, verbose=False, type_k="q8_0", kv_merge=MergeConfig(window=16))
+    llm.eval(llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 8))
+    assert llm.kv_stats().tokens_merged > 0 and np.all(np.isfinite(llm.scores[:llm.n_tokens]))
