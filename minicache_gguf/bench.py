@@ -20,9 +20,10 @@ from .llama import Llama
 from .model import ModelInfo
 
 
-def modes(cal_files: dict, names=None, window: int = MergeConfig.window) -> dict:
-    """name -> Llama options of each KV mode to bench (config.kv_modes; unknown names are a ValueError)."""
-    return {m.name: m.llama_kwargs() for m in kv_modes(window, cal_files, names or BENCH_MODES)}
+def modes(cal_files: dict, names=None, window: int = MergeConfig.window, type_k=None, type_v=None) -> dict:
+    """name -> Llama options of each KV mode to bench (config.kv_modes; unknown names are a ValueError);
+    type_k/type_v: the cache types of merge modes that name none."""
+    return {m.name: m.llama_kwargs() for m in kv_modes(window, cal_files, names or BENCH_MODES, type_k=type_k, type_v=type_v)}
 
 
 def prefill_decode(llm, toks, n_prefill: int, n_decode: int) -> tuple[float, float]:
@@ -101,6 +102,14 @@ def run(model, *, ctxs=(1024, 4096, 8192), mode_kw: dict, n_decode: int = 32, re
             pairs = {k: [r[i] / f[i] for r, f in zip(rs, ref or rs)] for i, k in ((0, "prefill_tok_s"), (1, "decode_tok_s"))}
             d["vs_f16"] = {"kv_bytes": rs[0][2] / (ref or rs)[0][2], **{k: statistics.median(v) for k, v in pairs.items()}}
             d["vs_f16_range"] = {k: [min(v), max(v)] for k, v in pairs.items()}
+            # a merge stacked on a cache type ("q4_0+aligned-head-w256") vs that type with merging off
+            base = _base_mode(m, runs)
+            if base is not None:
+                rb = runs[base]
+                pairs = {k: [r[i] / f[i] for r, f in zip(rs, rb)] for i, k in ((0, "prefill_tok_s"), (1, "decode_tok_s"))}
+                d["vs_base"] = {"mode": base, "kv_bytes": rs[0][2] / rb[0][2],
+                                **{k: statistics.median(v) for k, v in pairs.items()}}
+                d["vs_base_range"] = {k: [min(v), max(v)] for k, v in pairs.items()}
     budget = int(budget_mib * (1 << 20))
     for m, kw in mode_kw.items():
         res[m]["max_ctx_in_budget"] = largest_context(model, kw, budget)
@@ -114,6 +123,17 @@ def run(model, *, ctxs=(1024, 4096, 8192), mode_kw: dict, n_decode: int = 32, re
                          "flash_attn": True, "modes": {m: {k: (v.to_dict() if isinstance(v, MergeConfig) else v)
                                                            for k, v in kw.items()} for m, kw in mode_kw.items()}},
             "modes": res}
+
+
+def _base_mode(name: str, runs: dict):
+    """The stock mode a merge mode runs on (the part before "+", or f16), if it was benched too."""
+    if "+" in name:
+        base = name.split("+", 1)[0]
+    elif name.startswith(("paper", "aligned")):
+        base = "f16"
+    else:
+        return None
+    return base if base in runs else None
 
 
 def to_markdown(r: dict) -> str:
@@ -131,6 +151,15 @@ def to_markdown(r: dict) -> str:
             span = lambda k: f" [{rg[k][0]:.2f}–{rg[k][1]:.2f}]" if s["reps"] > 1 else ""
             out.append(f"| {c} | {m} | {x['kv_bytes'] / (1 << 20):.1f} | {v['kv_bytes']:.2f}× | {x['prefill_tok_s']:.1f} | "
                        f"{v['prefill_tok_s']:.2f}×{span('prefill_tok_s')} | {x['decode_tok_s']:.1f} | "
+                       f"{v['decode_tok_s']:.2f}×{span('decode_tok_s')} |")
+    stacked = [(c, m, d["by_ctx"][str(c)]) for c in s["ctx"] for m, d in r["modes"].items() if "vs_base" in d["by_ctx"][str(c)]]
+    if stacked:
+        out += ["", "Each merge vs its own cache type with merging off (median of per-rep ratios [min–max]):", "",
+                "| n_ctx | mode | vs | KV | prefill | decode |", "|---|---|---|---|---|---|"]
+        for c, m, x in stacked:
+            v, rg = x["vs_base"], x["vs_base_range"]
+            span = lambda k: f" [{rg[k][0]:.2f}–{rg[k][1]:.2f}]" if s["reps"] > 1 else ""
+            out.append(f"| {c} | {m} | {v['mode']} | {1 / v['kv_bytes']:.2f}× less | {v['prefill_tok_s']:.2f}×{span('prefill_tok_s')} | "
                        f"{v['decode_tok_s']:.2f}×{span('decode_tok_s')} |")
     out += ["", f"Largest context whose KV cache fits {s['budget_mib']:g} MiB (allocated, multiples of 256):", "",
             "| mode | n_ctx |", "|---|---|"]

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import sys
 
-from .config import BENCH_MODES, MergeConfig
+from .config import BENCH_MODES, GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache_type
 
 EXAMPLES = """examples:
   minicache-gguf info                          engine build, native core, default model
@@ -44,6 +44,34 @@ def add_merge_arguments(g, names) -> None:
         default = "n_layer / 2" if name == "start_layer" else f.default
         g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
                        help=f"{f.metadata['help']} (default {default})")
+
+
+def _cache_type_arg(value: str) -> str:
+    try:
+        return cache_type(value)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("cache type=", "")) from None
+
+
+def add_cache_type_arguments(p, what: str) -> None:
+    """llama.cpp's -ctk/-ctv (names or ggml type numbers, validated) and -fa."""
+    names = ", ".join(GGML_TYPES)
+    p.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", type=_cache_type_arg, default=None, metavar="TYPE",
+                   help=f"KV cache type for K{what} ({names}; default f16)")
+    p.add_argument("-ctv", "--cache-type-v", dest="cache_type_v", type=_cache_type_arg, default=None, metavar="TYPE",
+                   help=f"KV cache type for V{what} (as -ctk; a quantized V needs flash attention: turned on)")
+
+
+def cache_kwargs(args) -> dict:
+    """Llama options of -ctk/-ctv/-fa: flash attention on where a quantized V needs it, as llama.cpp does."""
+    kw = {}
+    if args.cache_type_k:
+        kw["type_k"] = GGML_TYPES[args.cache_type_k]
+    if args.cache_type_v:
+        kw["type_v"] = GGML_TYPES[args.cache_type_v]
+    if getattr(args, "flash_attn", False) or args.cache_type_v in QUANTIZED_TYPES:
+        kw["flash_attn"] = True
+    return kw
 
 
 def merge_config(args, names, **fixed) -> MergeConfig:
@@ -84,7 +112,7 @@ def _cmd_generate(args) -> int:
 
     kv_merge = merge_config(args, GENERATE_MERGE) if args.kv_merge else False
     llm = Llama(args.model, n_ctx=args.n_ctx, n_ubatch=args.n_ubatch, seed=args.seed, verbose=args.verbose,
-                kv_merge=kv_merge)
+                kv_merge=kv_merge, **cache_kwargs(args))
     summary = generate.run(llm, args.prompt, n=args.n, temp=args.temp, raw=args.raw, doc=args.doc)
     print(json.dumps(summary) if args.json else generate.summary_line(summary), file=sys.stderr)
     return 0
@@ -119,11 +147,13 @@ def _cmd_chat(args) -> int:
         else:
             why = " (no calibration for this model yet: --calibration auto makes one)"
     kv_merge = False if args.no_kv_merge or cfg.calibration is None else cfg
-    llm = Llama(model, n_ctx=args.n_ctx, seed=args.seed, verbose=args.verbose, kv_merge=kv_merge)
+    llm = Llama(model, n_ctx=args.n_ctx, seed=args.seed, verbose=args.verbose, kv_merge=kv_merge, **cache_kwargs(args))
+    tk, tv = args.cache_type_k or "f16", args.cache_type_v or "f16"
+    types = tk if tk == tv else f"K {tk} / V {tv}"
     if kv_merge:
-        describe = f"MiniCache aligned merging on: {llm.calibration.describe()}"
+        describe = f"MiniCache aligned merging on: {llm.calibration.describe()}; cache type {types}"
     else:
-        describe = "f16, merging off" + ("" if args.no_kv_merge else why)
+        describe = f"{types}, merging off" + ("" if args.no_kv_merge else why)
     sess = chat.Session(llm, describe, temperature=args.temp, max_tokens=args.max_tokens, system=args.system or "")
     sess.reset()
     if args.prompt is not None:
@@ -189,8 +219,8 @@ def _cmd_bench(args) -> int:
     names = args.modes.split(",") if args.modes else None
     bench.modes({"head": None, "full": None}, names)  # validates the names before any work
     model = _model(args)
-    forms = [f for f in ("head", "full") if any(n.startswith(f"aligned-{f}") for n in names or BENCH_MODES)]
-    mode_kw = bench.modes(_auto_calibrations(args, model, forms), names)
+    forms = [f for f in ("head", "full") if any(f"aligned-{f}" in n for n in names or BENCH_MODES)]
+    mode_kw = bench.modes(_auto_calibrations(args, model, forms), names, type_k=args.cache_type_k, type_v=args.cache_type_v)
     res = bench.run(model, ctxs=ctxs, mode_kw=mode_kw, n_decode=args.decode, reps=args.reps,
                     budget_mib=args.budget_mib, threads=args.threads, progress=not args.no_progress)
     _emit(bench.to_markdown(res), args.output, lambda d: bench.write(res, d))
@@ -229,9 +259,10 @@ def _cmd_eval(args) -> int:
 
     text, text_what = corpus.text_arg(args.text)
     model = _model(args)
-    forms = [f for f in forms if not names or any(n.startswith(f"aligned-{f}") for n in names)]
+    forms = [f for f in forms if not names or any(f"aligned-{f}" in n for n in names)]
     cal_files = _auto_calibrations(args, model, forms, window=args.window)
-    rows = evaluate.default_rows(args.window, cal_files, names, t=args.t, gamma=args.gamma)
+    rows = evaluate.default_rows(args.window, cal_files, names, t=args.t, gamma=args.gamma,
+                                 type_k=args.cache_type_k, type_v=args.cache_type_v)
     res = evaluate.run(model, ctxs=ctxs, chunks=args.chunks, rows=rows, text=text, text_what=text_what,
                        passkey_ctx=args.passkey_ctx,
                        passkey_trials=args.passkey_trials, n_ubatch=args.n_ubatch, threads=args.threads,
@@ -271,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ubatch", type=int, default=512, help="physical batch size (default 512; the staging pool holds one)")
     p.add_argument("--doc", default=None, metavar="FILE|builtin",
                    help="a document the prompt is about, put before it (builtin: ~5000 tokens of Python's documentation)")
+    p.add_argument("-fa", "--flash-attn", action="store_true", help="flash attention on")
+    add_cache_type_arguments(p, "")
     g = p.add_argument_group("kv merging (MiniCache)")
     g.add_argument("--kv-merge", action="store_true", help="merge adjacent layer pairs of the KV cache")
     add_merge_arguments(g, GENERATE_MERGE)
@@ -288,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    p.add_argument("-fa", "--flash-attn", action="store_true", help="flash attention on")
+    add_cache_type_arguments(p, "")
     g = p.add_argument_group("kv merging (on by default when a calibration for the model exists)")
     g.add_argument("--no-kv-merge", action="store_true", help="merging off")
     add_merge_arguments(g, ("calibration", "window"))
@@ -306,10 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="directory for bench.md, bench.json and bench.png")
     p.add_argument("--ctx", default="1024,4096,8192", help="context lengths (default 1024,4096,8192)")
     p.add_argument("--modes", default=None,
-                   help="KV modes, as eval's rows: f16, q8_0, q5_0, q4_0, paper-w<W>, paper-v-w<W>, aligned-head-w<W>, "
-                        f"aligned-full-w<W> and their -w0 variants (default: {','.join(BENCH_MODES)})")
+                   help="KV modes, as eval's rows: f16, q8_0, q5_0, q4_0 (any cache type, or K/V types as q8_0/q4_0), "
+                        "paper-w<W>, paper-v-w<W>, aligned-head-w<W>, aligned-head-v-w<W>, aligned-full-w<W> and their "
+                        "-w0 variants, and a merge on a cache type: q4_0+aligned-head-w<W> "
+                        f"(default: {','.join(BENCH_MODES)})")
     p.add_argument("--decode", type=int, default=32, help="tokens decoded one at a time (default 32)")
     p.add_argument("--reps", type=int, default=1, help="repetitions, modes back to back (default 1)")
+    add_cache_type_arguments(p, " of the merge modes that name no type of their own (default f16)")
     p.add_argument("--budget-mib", type=float, default=64.0, help="KV memory budget for the largest-context column (default 64)")
     p.add_argument("--calibration-head", default="auto", help="per-head calibration file or 'auto' (default)")
     p.add_argument("--calibration-full", default="auto", help="whole-row calibration file or 'auto' (default)")
@@ -368,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t", type=float, default=MergeConfig.t, help=f"SLERP parameter of the merge rows (default {MergeConfig.t})")
     p.add_argument("--gamma", type=float, default=MergeConfig.gamma,
                    help=f"retention fraction of the merge rows (default {MergeConfig.gamma})")
+    add_cache_type_arguments(p, " of the merge rows that name no type of their own (default f16)")
     p.add_argument("--passkey-ctx", type=int, default=4096, help="passkey context (default 4096; 0: skip)")
     p.add_argument("--passkey-trials", type=int, default=1, help="keys per depth (default 1; depths 0.1..0.9)")
     p.add_argument("--calibration-head", default="auto", help="per-head calibration file, 'auto' (default) or 'none'")

@@ -15,7 +15,7 @@ import numpy as np
 from .reference import RETENTION_MODES
 
 __all__ = ["MergeConfig", "ConfigError", "CalibrationError", "PairSpec", "KvMode", "kv_modes", "GGML_TYPES",
-           "QUANTIZED_TYPES", "cache_type", "ALIGNMENT_FORMS", "DEFAULT_MAX_KLD"]
+           "QUANTIZED_TYPES", "TYPE_BLOCKS", "row_bytes", "cache_type", "ALIGNMENT_FORMS", "DEFAULT_MAX_KLD"]
 
 #: rotation forms of aligned merging: one R per KV head (folds into attention at no extra cost),
 #: or one R over whole rows (a bit better, 3x the merged layer's attention work when decoding)
@@ -34,6 +34,17 @@ class CalibrationError(ValueError):
 
 #: ggml's KV cache types by name (llama.cpp's -ctk/-ctv names), as in ggml.h
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+#: (values per block, bytes per block) of each, as ggml lays them out
+TYPE_BLOCKS = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q5_0": (32, 22), "q5_1": (32, 24),
+               "q4_0": (32, 18), "q4_1": (32, 20), "iq4_nl": (32, 18)}
+
+
+def row_bytes(type_name: str, n: int) -> int:
+    """Bytes of a row of n values of a KV cache type (ggml_row_size)."""
+    blck, size = TYPE_BLOCKS[type_name]
+    return n // blck * size
+
+
 #: the block-quantized ones (a quantized V cache needs flash attention)
 QUANTIZED_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl")
 
@@ -191,26 +202,30 @@ def _split_types(spec: str):
 
 
 def kv_modes(window: int = MergeConfig.window, cal_files: Optional[dict] = None, names=None,
-             t: float = MergeConfig.t, gamma: float = MergeConfig.gamma) -> list:
+             t: float = MergeConfig.t, gamma: float = MergeConfig.gamma, type_k=None, type_v=None) -> list:
     """The KV modes of bench and eval: the stock types, and each merge (the paper's, V only, and
     aligned per calibration form in cal_files) with the window on ("-w<window>") and off ("-w0").
     names: keep those (f16, the reference, always first); besides the listed names, a cache type
     ("q5_1", or K/V types "q8_0/q4_0") and a merge on a cache type ("q4_0+aligned-head-w256") are
-    valid; an unknown name is a ValueError."""
+    valid; an unknown name is a ValueError. type_k/type_v: the cache types of the merges that name
+    none (default f16)."""
+    tk, tv = type_k or "f16", type_v or "f16"
+    on_types = "" if (tk, tv) == ("f16", "f16") else f", on K {tk} / V {tv} KV"
     modes = [KvMode(ty, ty, ty, None, "stock llama.cpp KV" + (" (full cache, the reference)" if ty == "f16" else ""))
              for ty in STOCK_TYPES]
     merges = []
     for w, tag in ((window, f"w{window}"), (1, "w0")):
         on = "recent window exact" if w > 1 else "no window"
         mk = lambda **kw: MergeConfig(window=w, t=t, gamma=gamma, **kw)
-        merges.append(KvMode(f"paper-{tag}", merge=mk(), what=f"paper-faithful SLERP, S=L/2, K+V, {on}"))
-        merges.append(KvMode(f"paper-v-{tag}", merge=mk(merge_k=False), what=f"paper-faithful, V only, {on}"))
+        merges.append(KvMode(f"paper-{tag}", tk, tv, mk(), f"paper-faithful SLERP, S=L/2, K+V, {on}{on_types}"))
+        merges.append(KvMode(f"paper-v-{tag}", tk, tv, mk(merge_k=False), f"paper-faithful, V only, {on}{on_types}"))
         for form in ALIGNMENT_FORMS:
             if form in (cal_files or {}):
-                merges.append(KvMode(f"aligned-{form}-{tag}", merge=mk(calibration=cal_files[form]),
-                                     what=f"calibrated {'per-head' if form == 'head' else 'whole-row'} alignment, {on}"))
-                merges.append(KvMode(f"aligned-{form}-v-{tag}", merge=mk(calibration=cal_files[form], merge_k=False),
-                                     what=f"calibrated {'per-head' if form == 'head' else 'whole-row'} alignment, V only, {on}"))
+                how = "per-head" if form == "head" else "whole-row"
+                merges.append(KvMode(f"aligned-{form}-{tag}", tk, tv, mk(calibration=cal_files[form]),
+                                     f"calibrated {how} alignment, {on}{on_types}"))
+                merges.append(KvMode(f"aligned-{form}-v-{tag}", tk, tv, mk(calibration=cal_files[form], merge_k=False),
+                                     f"calibrated {how} alignment, V only, {on}{on_types}"))
     modes += [m for m in merges if "-v-" not in m.name or m.name.startswith("paper")]
     if names:
         by_name = {m.name: m for m in modes + merges}

@@ -22,16 +22,18 @@ from typing import Optional
 import numpy as np
 
 from . import _internals, corpus, report
-from .config import STOCK_TYPES, KvMode, MergeConfig, kv_modes
+from .config import KvMode, MergeConfig, kv_modes
 from .llama import Llama
 from .metrics import kld_per_token, log_softmax
 from .model import ModelInfo
 
 DEFAULT_CTX = (512, 1024, 2048, 4096, 8192)
-def default_rows(window: int, cal_files: dict, names=None, t: float = MergeConfig.t, gamma: float = MergeConfig.gamma) -> list:
+def default_rows(window: int, cal_files: dict, names=None, t: float = MergeConfig.t, gamma: float = MergeConfig.gamma,
+                 type_k=None, type_v=None) -> list:
     """The rows of the eval table: the KV modes of config.kv_modes (the table bench uses too): f16
-    (the reference), stock q8_0/q5_0/q4_0, and each merge mode with the window on and off."""
-    return kv_modes(window, cal_files, names, t=t, gamma=gamma)
+    (the reference), stock q8_0/q5_0/q4_0, and each merge mode with the window on and off
+    (type_k/type_v: the cache types of merge rows that name none)."""
+    return kv_modes(window, cal_files, names, t=t, gamma=gamma, type_k=type_k, type_v=type_v)
 
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -191,7 +193,8 @@ def plot(res: Result, path) -> Path:
     fig, ax = report.figure(figsize=(7.5, 5))
     for r in res.rows:
         x, y = r["kv_bytes_per_token"][c], max(r["quality"][c]["kld_mean"], 1e-5)
-        marker = "s" if r["name"] in STOCK_TYPES else ("o" if r["name"].startswith("aligned") else "^")
+        stock = "+" not in r["name"] and not r["name"].startswith(("paper", "aligned"))
+        marker = "s" if stock else ("o" if "aligned" in r["name"] else "^")
         ax.scatter([x], [y], marker=marker, s=40)
         ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_yscale("log")

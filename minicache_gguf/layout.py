@@ -1,8 +1,9 @@
 """Closed-form KV memory of a merged cache (what the engine allocates, to the byte, before the
 backend's buffer alignment).
 
-For a model with L layers whose K and V rows are e_k and e_v elements of b bytes (f16: 2), a
-context of C cells, merge config (S, W, gamma, merge_k, merge_v) and ubatch size U:
+For a model with L layers whose K and V rows are e_k and e_v values (a row of e values of the cache
+type takes b(e) bytes: f16 2e, q8_0 34e/32, q4_0 18e/32, ...), a context of C cells, merge config
+(S, W, gamma, merge_k, merge_v) and ubatch size U:
 
   pairs         P = floor((L - S) / 2)                  (l, l+1) for l = S, S+2, ...
   staging       s = min(max(W, U), C)
@@ -10,9 +11,9 @@ context of C cells, merge config (S, W, gamma, merge_k, merge_v) and ubatch size
   exact rows    R = s + r + 1, rounded up to a multiple of 256 (one zero row; the padding keeps
                 the CPU matrix kernels on the row counts llama.cpp itself uses for n_kv)
   per pair and merged kind with row width e:
-                dir  e*b*C  +  norms 2*4*C  +  exact rows 2*e*b*R
-  every other (layer, kind): e*b*C, as a stock cache
-  stock cache:  L*(e_k + e_v)*b*C
+                dir  b(e)*C  +  norms (F32) 2*4*C  +  exact rows 2*b(e)*R
+  every other (layer, kind): b(e)*C, as a stock cache
+  stock cache:  L*(b_k(e_k) + b_v(e_v))*C
 
 Cells without a slot gather a zero row in the restore.
 """
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import MergeConfig
+from .config import MergeConfig, row_bytes
 
 
 @dataclass(frozen=True)
@@ -48,16 +49,17 @@ def retain_capacity(n_ctx: int, gamma: float) -> int:
 
 
 def expected_layout(n_layer: int, n_embd_k: int, n_embd_v: int, n_ctx: int, cfg: MergeConfig,
-                    n_ubatch: int, type_bytes: int = 2) -> Layout:
+                    n_ubatch: int, type_k: str = "f16", type_v: str = "f16") -> Layout:
     s_layer = cfg.resolve_start(n_layer)
     n_pairs = len(range(s_layer, n_layer - 1, 2))
     staging = min(max(cfg.window, n_ubatch), n_ctx)
     retention = retain_capacity(n_ctx, cfg.gamma)
-    dense = n_layer * (n_embd_k + n_embd_v) * type_bytes * n_ctx
+    bk, bv = row_bytes(type_k, n_embd_k), row_bytes(type_v, n_embd_v)
+    dense = n_layer * (bk + bv) * n_ctx
     total = dense
-    for e, merged in ((n_embd_k, cfg.merge_k), (n_embd_v, cfg.merge_v)):
+    for b, merged in ((bk, cfg.merge_k), (bv, cfg.merge_v)):
         if merged:
             rows = -(-(staging + retention + 1) // 256) * 256
-            pool = e * type_bytes * n_ctx + 2 * 4 * n_ctx + 2 * e * type_bytes * rows
-            total += n_pairs * (pool - 2 * e * type_bytes * n_ctx)
+            pool = b * n_ctx + 2 * 4 * n_ctx + 2 * b * rows
+            total += n_pairs * (pool - 2 * b * n_ctx)
     return Layout(n_ctx, n_pairs, staging, retention, total, dense)

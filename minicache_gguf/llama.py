@@ -12,15 +12,20 @@ import difflib
 import inspect
 import os
 import sys
+import warnings
 from typing import Optional, Union
 
 from . import _internals
 from .calibrate import pairs_for
-from .config import GGML_TYPES, ConfigError, MergeConfig, cache_type
+from .config import GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache_type
 from .model import default_model_path
 from .validate import validate
 
-__all__ = ["Llama"]
+__all__ = ["Llama", "CalibrationTypeWarning"]
+
+
+class CalibrationTypeWarning(UserWarning):
+    """A calibration scored on one KV cache type is used with another."""
 
 
 llama_cpp = _internals.llama_cpp
@@ -87,6 +92,15 @@ class Llama(llama_cpp.Llama):
         self.calibration = None
         if cfg.calibration is not None:
             pairs, self.calibration = pairs_for(cfg, model_path, progress=sys.stderr.isatty())
+            names = {v: k for k, v in GGML_TYPES.items()}
+            quantized = sorted({names.get(kwargs.get(n)) for n in ("type_k", "type_v")} & set(QUANTIZED_TYPES))
+            if quantized:
+                # calibrate scores candidates on an f16 cache: say so where the cache type differs
+                warnings.warn(
+                    f"kv_merge: the calibration's pair selection was scored on an f16 KV cache (KLD "
+                    f"{self.calibration.selection_kld:.4f}); on a {'/'.join(quantized)} cache the quantization error adds "
+                    "to the merge's (`minicache-gguf eval --rows <type>,<type>+aligned-head-w256` measures the sum)",
+                    CalibrationTypeWarning, stacklevel=2)
         # the ubatch size llama-cpp-python will use: the staging pool must hold one whole ubatch
         n_ctx = kwargs.get("n_ctx", 512)
         n_batch = min(n_ctx, kwargs.get("n_batch", 512)) if n_ctx else kwargs.get("n_batch", 512)

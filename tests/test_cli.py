@@ -73,3 +73,14 @@ def test_generate_about_a_document_merges_it(tmp_path):
     assert merged > 500, line
     r = run("generate", "-p", "x", "--doc", str(tmp_path / "missing.txt"))
     assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_cache_types_like_llama_cpp():
+    """-ctk/-ctv take llama.cpp's type names or ggml numbers; a quantized V turns flash attention on."""
+    r = run("generate", "--kv-merge", "--window", "16", "-ctk", "q8_0", "-ctv", "2", "--raw", "-p", "The sea is",
+            "-n", "40", "--json")
+    assert r.returncode == 0, r.stderr
+    kv = json.loads(r.stderr.strip().splitlines()[-1])["kv"]
+    assert kv["kv_merge"] and kv["tokens_merged"] > 0
+    r = run("generate", "-ctk", "q3_k", "-p", "x")
+    assert r.returncode == 2 and "'q3_k' is not valid: expected one of f32 (0), f16 (1)" in r.stderr

@@ -60,3 +60,23 @@ def test_frozen_and_ints_accepted_as_floats():
     assert isinstance(c.t, float) and c.t == 1.0 and c.gamma == 0.0
     with pytest.raises(AttributeError):
         c.t = 0.5
+
+
+def test_kv_modes_stack_merges_on_cache_types(tmp_path):
+    from minicache_gguf.config import kv_modes
+
+    cal = tmp_path / "cal.gguf"
+    cal.write_bytes(b"")  # only the name is used here
+    modes = {m.name: m for m in kv_modes(256, {"head": cal}, ["q8_0/q4_0", "q4_0+aligned-head-w256",
+                                                                     "q8_0+aligned-head-v-w256", "paper-w0"],
+                                         type_k="q8_0", type_v="q8_0")}
+    assert list(modes) == ["f16", "q8_0/q4_0", "q4_0+aligned-head-w256", "q8_0+aligned-head-v-w256", "paper-w0"]
+    assert (modes["q8_0/q4_0"].type_k, modes["q8_0/q4_0"].type_v, modes["q8_0/q4_0"].merge) == ("q8_0", "q4_0", None)
+    m = modes["q4_0+aligned-head-w256"]
+    assert (m.type_k, m.type_v, m.merge.calibration) == ("q4_0", "q4_0", cal)
+    assert modes["q8_0+aligned-head-v-w256"].merge.merge_k is False
+    # a merge that names no type runs on type_k/type_v; f16 stays the f16 reference
+    assert (modes["paper-w0"].type_k, modes["f16"].type_k) == ("q8_0", "f16")
+    for bad in ("q4_0+nope", "q9_0", "q8_0+q4_0"):
+        with pytest.raises(ValueError, match="not valid"):
+            kv_modes(256, {}, [bad])

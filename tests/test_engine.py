@@ -108,18 +108,20 @@ def test_flash_attention_on_and_off_agree(model_path, tokens):
         assert merged_gap <= 2 * stock_gap + 1e-3, (part, merged_gap, stock_gap)
 
 
-@pytest.mark.parametrize("n_ctx", [2048, 8192])
-def test_memory_matches_closed_form(model_path, n_ctx):
+@pytest.mark.parametrize("n_ctx,type_k,type_v", [(2048, "f16", "f16"), (8192, "f16", "f16"), (8192, "q4_0", "q4_0"),
+                                               (4096, "q8_0", "q5_1")])
+def test_memory_matches_closed_form(model_path, n_ctx, type_k, type_v):
     cfg = MergeConfig()
-    mc = Llama(model_path, n_ctx=n_ctx, verbose=False, kv_merge=cfg)
+    types = dict(flash_attn=True, type_k=type_k, type_v=type_v)
+    mc = Llama(model_path, n_ctx=n_ctx, verbose=False, kv_merge=cfg, **types)
     s = mc.kv_stats()
-    want = expected_layout(N_LAYER, N_EMBD, N_EMBD, n_ctx, cfg, n_ubatch=512)
+    want = expected_layout(N_LAYER, N_EMBD, N_EMBD, n_ctx, cfg, n_ubatch=512, type_k=type_k, type_v=type_v)
     assert s.kv_bytes == pytest.approx(want.kv_bytes, rel=0.01)
     assert s.kv_bytes_dense == want.kv_bytes_dense
     assert (s.merged_layer_pairs, s.staging_capacity, s.retention_capacity) == (want.n_pairs, want.staging, want.retention)
     mc.close()
 
-    stock = Llama(model_path, n_ctx=n_ctx, verbose=False)
+    stock = Llama(model_path, n_ctx=n_ctx, verbose=False, **types)
     dense = stock.kv_stats()
     assert dense.start_layer == -1 and dense.kv_bytes == pytest.approx(want.kv_bytes_dense, rel=0.01)
     assert s.kv_bytes < dense.kv_bytes  # it really allocates less
@@ -161,8 +163,8 @@ def test_long_generation_crosses_the_window(model_path):
 def test_bad_input_is_refused_clearly(model_path):
     with pytest.raises(ConfigError, match=r"start_layer=40 is not valid for this model \(30 layers\)"):
         Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(start_layer=40))
-    with pytest.raises(ValueError, match="type_k=8 is not supported with kv_merge"):
-        Llama(model_path, n_ctx=256, verbose=False, kv_merge=True, type_k=llama_cpp.GGML_TYPE_Q8_0)
+    with pytest.raises(ValueError, match="type_v=q8_0 needs flash_attn=True"):
+        Llama(model_path, n_ctx=256, verbose=False, kv_merge=True, type_v=llama_cpp.GGML_TYPE_Q8_0)
     with pytest.raises(ValueError, match="embedding=True is not supported"):
         Llama(model_path, n_ctx=256, verbose=False, kv_merge=True, embedding=True)
     llm = Llama(model_path, n_ctx=256, verbose=False, kv_merge=True)

@@ -71,9 +71,9 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 def test_every_problem_of_a_config_in_one_message(model_path):
     with pytest.raises(ConfigError) as e:
-        Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(start_layer=40), type_k=8, embedding=True)
+        Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(start_layer=40), type_v=8, embedding=True)
     msg = str(e.value)
     assert msg.startswith("kv_merge: ") and msg.count("\n") == 0
-    for part in ("start_layer=40 is not valid for this model (30 layers)", "type_k=8 is not supported",
+    for part in ("start_layer=40 is not valid for this model (30 layers)", "type_v=q8_0 needs flash_attn=True",
                  "embedding=True is not supported"):
         assert part in msg, msg
