@@ -418,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import warnings
+
+    # the library's warnings (e.g. a calibration scored on another cache type) as one plain line
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"minicache-gguf: warning: {msg}\n"
     ap = build_parser()
     args, unknown = ap.parse_known_args(argv)
     if args.cmd == "serve":

@@ -17,7 +17,7 @@ from typing import List, Optional, Union
 from pydantic import Field, create_model
 
 from .calfile import find_auto
-from .config import ConfigError, MergeConfig
+from .config import ConfigError, MergeConfig, cache_type
 from .llama import Llama, llama_cpp
 from .model import ModelInfo, default_model_path
 from .validate import validate
@@ -70,9 +70,12 @@ def check(models: list) -> None:
                               "pass a local GGUF file as model")
         if m.model and not os.path.isfile(m.model):
             raise ConfigError(f"model={m.model!r}: no such file")
+        for name in ("type_k", "type_v"):  # llama-cpp-python's KV cache type settings (ggml type numbers)
+            if getattr(m, name) is not None:
+                cache_type(getattr(m, name), name)
         cfg = merge_config(m)
         if cfg:
-            validate(cfg, m.model or default_model_path())
+            validate(cfg, m.model or default_model_path(), dict(type_k=m.type_k, type_v=m.type_v, flash_attn=m.flash_attn))
 
 
 _orig_load = _smodel.LlamaProxy.load_llama_from_model_settings

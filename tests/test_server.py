@@ -101,6 +101,8 @@ def test_two_concurrent_clients_are_both_answered(server):
     (["--kv_merge", "true", "--kv_calibration", "/nonexistent.gguf"], {}, "no such file"),
     (["--model", "/nonexistent.gguf"], {}, "model='/nonexistent.gguf': no such file"),
     ([], {"KV_WINDOW": "many"}, "invalid server settings: kv_window='many'"),
+    (["--kv_merge", "true", "--type_v", "2"], {}, "type_v=q4_0 needs flash_attn=True"),
+    (["--type_k", "12"], {}, "type_k=12 is not valid: expected one of f32 (0), f16 (1)"),
 ])
 def test_invalid_options_refused_at_start(argv, env, msg):
     r = subprocess.run([CLI, "serve", "--port", str(_free_port()), *argv], capture_output=True, text=True,
