@@ -98,6 +98,18 @@ def test_chat_one_shot_prompt():
     assert status == 0 and "[prompt" in text and ">>>" not in text
 
 
+def test_chat_on_a_quantized_cache(cal_file):
+    """-ctk/-ctv as llama.cpp's tools take them: the banner says what is on, /show kv the memory."""
+    child = spawn("--calibration", str(cal_file), "--n-ctx", "1024", "-ctk", "q4_0", "-ctv", "q4_0")
+    child.expect("KV: MiniCache aligned merging on: .*; cache type q4_0")
+    child.expect(">>> ")
+    child.sendline("/show kv")
+    child.expect("MiB")
+    child.expect(">>> ")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+
+
 def test_chat_line_editing_and_history(tmp_path):
     """Arrow keys edit the line (no escape codes in the message); up recalls earlier input, kept
     across runs in the history file."""

@@ -169,3 +169,40 @@ def test_quantized_refusals(model_path):
     llm.eval(toks[:-1])
     llm.eval(toks[-1:])  # decoding: the tokens that left the window are merged first
     assert llm.kv_stats().tokens_merged > 0 and np.all(np.isfinite(llm.scores[:llm.n_tokens]))
+
+
+def test_unit_directions_cost_what_rows_cost(model_path, tokens):
+    """Block formats scale each block by its own absmax, so a unit direction quantizes with the
+    same relative error as the raw row (the norm stays exact, in F32): measured on real K/V rows."""
+    llm = Llama(model_path, n_ctx=512, verbose=False)
+    llm.eval(tokens[:400])
+    for qtype in ("q8_0", "q4_0"):
+        for kind in "kv":
+            x = np.concatenate([_internals.get_rows(llm._ctx.ctx, l, kind, 0, 400, N_EMBD) for l in range(15, 30)])
+            n = np.linalg.norm(x, axis=1, keepdims=True)
+            u = (x / n).astype(np.float32)
+            err_row = np.linalg.norm(reference.dequantize(reference.quantize(x, qtype), qtype, N_EMBD) - x, axis=1) / n[:, 0]
+            err_dir = np.linalg.norm(reference.dequantize(reference.quantize(u, qtype), qtype, N_EMBD) - u, axis=1)
+            assert err_dir.mean() == pytest.approx(err_row.mean(), rel=0.01), (qtype, kind, err_dir.mean(), err_row.mean())
+
+
+@pytest.mark.parametrize("qtype,flash_attn", [("bf16", False), ("q5_0", True), ("q5_1", True), ("q4_1", True),
+                                              ("iq4_nl", True), ("f32", False)])
+def test_every_cache_type_merges(model_path, tokens, shipped, qtype, flash_attn):
+    """The other llama.cpp KV types: merged, decoded through both attention paths (the prompt
+    restores, decoding folds), finite, and close to the same type unmerged (a wrong layout or
+    basis costs ~1 nat)."""
+    toks = tokens[:344]
+
+    def run(kv_merge):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationTypeWarning)
+            llm = Llama(model_path, n_ctx=512, flash_attn=flash_attn, logits_all=True, verbose=False,
+                        type_k=qtype, type_v=qtype, kv_merge=kv_merge)
+        return llm, _decode_logits(llm, toks, 320)
+
+    _, base = run(False)
+    llm, merged = run(MergeConfig(window=64, calibration=shipped))
+    assert llm.kv_stats().tokens_merged > 200
+    assert np.all(np.isfinite(merged))
+    assert float(kld(base, merged).mean()) < 0.3
