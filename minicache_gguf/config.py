@@ -54,7 +54,7 @@ def cache_type(value, what: str = "cache type") -> str:
     number) -> its name; anything else is a ConfigError naming the valid ones."""
     if isinstance(value, str) and value.strip().lower() in GGML_TYPES:
         return value.strip().lower()
-    num = value if isinstance(value, int) and not isinstance(value, bool) else None
+    num = int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else None
     if isinstance(value, str) and value.strip().isdigit():
         num = int(value.strip())
     for name, n in GGML_TYPES.items():
