@@ -15,7 +15,7 @@ import numpy as np
 from .reference import RETENTION_MODES
 
 __all__ = ["MergeConfig", "ConfigError", "CalibrationError", "PairSpec", "KvMode", "kv_modes", "GGML_TYPES",
-           "QUANTIZED_TYPES", "TYPE_BLOCKS", "row_bytes", "cache_type", "ALIGNMENT_FORMS", "DEFAULT_MAX_KLD"]
+           "QUANTIZED_TYPES", "TYPE_BLOCKS", "row_bytes", "cache_type", "type_name", "ALIGNMENT_FORMS", "DEFAULT_MAX_KLD"]
 
 #: rotation forms of aligned merging: one R per KV head (folds into attention at no extra cost),
 #: or one R over whole rows (a bit better, 3x the merged layer's attention work when decoding)
@@ -47,6 +47,14 @@ def row_bytes(type_name: str, n: int) -> int:
 
 #: the block-quantized ones (a quantized V cache needs flash attention)
 QUANTIZED_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl")
+
+
+def type_name(number):
+    """The name of a ggml KV cache type number (None for a number outside GGML_TYPES)."""
+    return _TYPE_NAMES.get(number)
+
+
+_TYPE_NAMES = {v: k for k, v in GGML_TYPES.items()}
 
 
 def cache_type(value, what: str = "cache type") -> str:

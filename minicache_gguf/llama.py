@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 from . import _internals
 from .calibrate import pairs_for
-from .config import GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache_type
+from .config import GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache_type, type_name
 from .model import default_model_path
 from .validate import validate
 
@@ -92,8 +92,7 @@ class Llama(llama_cpp.Llama):
         self.calibration = None
         if cfg.calibration is not None:
             pairs, self.calibration = pairs_for(cfg, model_path, progress=sys.stderr.isatty())
-            names = {v: k for k, v in GGML_TYPES.items()}
-            quantized = sorted({names.get(kwargs.get(n)) for n in ("type_k", "type_v")} & set(QUANTIZED_TYPES))
+            quantized = sorted({type_name(kwargs.get(n)) for n in ("type_k", "type_v")} & set(QUANTIZED_TYPES))
             if quantized:
                 # calibrate scores candidates on an f16 cache: say so where the cache type differs
                 warnings.warn(
@@ -171,9 +170,8 @@ class Llama(llama_cpp.Llama):
         return state
 
     def _kv_types(self) -> str:
-        names = {v: k for k, v in GGML_TYPES.items()}
         p = self.context_params
-        return f"K {names.get(p.type_k, p.type_k)}, V {names.get(p.type_v, p.type_v)}"
+        return f"K {type_name(p.type_k) or p.type_k}, V {type_name(p.type_v) or p.type_v}"
 
     def load_state(self, state) -> None:
         mine = None if self.merge_config is None else self.merge_config.to_dict()

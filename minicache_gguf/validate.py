@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .calfile import load_calibration
-from .config import GGML_TYPES, QUANTIZED_TYPES, CalibrationError, ConfigError, MergeConfig
+from .config import GGML_TYPES, QUANTIZED_TYPES, CalibrationError, ConfigError, MergeConfig, type_name
 from .model import ModelInfo
 
 __all__ = ["validate", "MERGEABLE_TYPES"]
@@ -34,13 +34,12 @@ def validate(cfg: MergeConfig, model_path, llama_kwargs: Optional[dict] = None) 
             load_calibration(cfg.calibration, info).selection(cfg)
         except (CalibrationError, ConfigError) as e:
             problems.append(str(e))
-    names = {v: k for k, v in GGML_TYPES.items()}
     for name in ("type_k", "type_v"):
         t = kw.get(name)
-        if t is not None and names.get(t) not in MERGEABLE_TYPES:
+        if t is not None and type_name(t) not in MERGEABLE_TYPES:
             problems.append(f"{name}={t!r} is not supported with kv_merge: expected one of "
                             + ", ".join(f"{n} ({GGML_TYPES[n]})" for n in MERGEABLE_TYPES))
-    tv = names.get(kw.get("type_v"))
+    tv = type_name(kw.get("type_v"))
     if tv in QUANTIZED_TYPES and not kw.get("flash_attn"):
         problems.append(f"type_v={tv} needs flash_attn=True (llama.cpp stores a quantized V cache only "
                         "untransposed, for flash attention)")
