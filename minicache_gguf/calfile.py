@@ -39,7 +39,7 @@ class Calibration:
     form: str
     pairs: list[PairSpec]                 # the selection, with rotations
     n_tokens: int                         # calibration tokens the rotations were fitted on
-    settings: dict = field(default_factory=dict)   # t, gamma, window, max_kld, context, scored, corpus
+    settings: dict = field(default_factory=dict)   # t, gamma, window, max_kld, n_ctx, scored, texts, ...
     cost: dict = field(default_factory=dict)       # "k"/"v" -> [n_layer - 1] KLD of each pair alone (nan: not scored)
     selection_kld: float = float("nan")            # measured KLD of the whole selection
     tool_version: str = ""
@@ -50,7 +50,10 @@ class Calibration:
         vs = [q.layer for q in self.pairs if q.kind == "v"]
         fmt = lambda ls: ", ".join(f"{l}-{l + 1}" for l in ls) or "none"
         return (f"{self.form} alignment, {len(ks)} K pairs ({fmt(ks)}), {len(vs)} V pairs ({fmt(vs)}); "
-                f"KLD {self.selection_kld:.4f} on held-out calibration tokens ("
+                f"KLD {self.selection_kld:.4f} on held-out calibration tokens"
+                + (f" (worst of {', '.join(self.settings['selection_kld_by_text'])})"
+                   if self.settings.get("selection_kld_by_text") else "")
+                + (f" at context {self.settings['n_ctx']} (" if "n_ctx" in self.settings else " (")
                 + (f"budget {self.settings.get('max_kld')})" if self.settings.get("layout") is None
                    else f"fixed layout from layer {self.settings['layout']})"))
 
@@ -213,8 +216,8 @@ def _read_calibration(reader, path: Path, model: Optional[ModelInfo]) -> Calibra
 
 def auto_name(sha256: str, cfg: MergeConfig) -> str:
     """The file name of the "auto" calibration of a model for a MergeConfig: the settings that
-    shape a calibration (alignment form, t, gamma, window, KLD budget) are part of it."""
-    tag = f"{cfg.alignment}-t{cfg.t:g}-g{cfg.gamma:g}-w{cfg.window}-kld{cfg.max_kld:g}"
+    shape a calibration (alignment form, t, gamma, window, KLD budget, scoring context) are part of it."""
+    tag = f"{cfg.alignment}-t{cfg.t:g}-g{cfg.gamma:g}-w{cfg.window}-kld{cfg.max_kld:g}-c{cfg.calibration_ctx}"
     return f"{sha256[:16]}-{tag}.gguf"
 
 

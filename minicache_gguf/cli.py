@@ -12,7 +12,8 @@ import dataclasses
 import json
 import sys
 
-from .config import BENCH_MODES, GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache_type
+from .config import BENCH_MODES, DEFAULT_SCORED, GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache_type
+from .corpus import CAL_DOMAINS
 
 EXAMPLES = """examples:
   minicache-gguf info                          engine build, native core, default model
@@ -239,8 +240,9 @@ def _cmd_calibrate(args) -> int:
     from . import calibrate
 
     cal = calibrate.calibrate(_model(args), form=args.form, max_kld=args.max_kld, t=args.t, gamma=args.gamma,
-                                window=args.window, fit_tokens=args.tokens, context=args.context, scored=args.scored,
-                                text=_text(args), layout=args.layout, kinds=args.kinds, progress=not args.no_progress)
+                                window=args.window, fit_tokens=args.tokens, n_ctx=args.n_ctx, scored=args.scored,
+                                text=_text(args), domains=args.domains.split(","), retrieval=not args.no_retrieval,
+                                layout=args.layout, kinds=args.kinds, progress=not args.no_progress)
     path = cal.save(args.output)
     print(f"{path}: {cal.describe()}")
     print(f"use it: Llama(kv_merge=MergeConfig(calibration={str(path)!r}))  |  minicache-gguf generate --kv-merge "
@@ -257,17 +259,25 @@ def _cmd_eval(args) -> int:
     evaluate.default_rows(args.window, {f: None for f in forms}, names, t=args.t, gamma=args.gamma)  # validates first
     from . import corpus
 
-    text, text_what = corpus.text_arg(args.text)
+    texts = [corpus.text_arg(v) for v in (args.text or "builtin:docs").split(",")]
     model = _model(args)
     forms = [f for f in forms if not names or any(f"aligned-{f}" in n for n in names)]
     cal_files = _auto_calibrations(args, model, forms, window=args.window)
     rows = evaluate.default_rows(args.window, cal_files, names, t=args.t, gamma=args.gamma,
                                  type_k=args.cache_type_k, type_v=args.cache_type_v)
-    res = evaluate.run(model, ctxs=ctxs, chunks=args.chunks, rows=rows, text=text, text_what=text_what,
-                       passkey_ctx=args.passkey_ctx,
-                       passkey_trials=args.passkey_trials, n_ubatch=args.n_ubatch, threads=args.threads,
-                       progress=not args.no_progress)
-    _emit(evaluate.to_markdown(res), args.output, lambda d: evaluate.write(res, d))
+    results = {}
+    for i, (label, (text, text_what)) in enumerate(zip(args.text.split(",") if args.text else ["builtin:docs"], texts)):
+        # the passkey probe does not depend on the text: run it once, with the first
+        results[label] = evaluate.run(model, ctxs=ctxs, chunks=args.chunks, rows=rows, text=text, text_what=text_what,
+                                      passkey_ctx=args.passkey_ctx if i == 0 else 0,
+                                      passkey_trials=args.passkey_trials, n_ubatch=args.n_ubatch, threads=args.threads,
+                                      progress=not args.no_progress)
+    if len(results) == 1:
+        res = next(iter(results.values()))
+        _emit(evaluate.to_markdown(res), args.output, lambda d: evaluate.write(res, d))
+    else:
+        md = evaluate.summary(results) + "\n" + "\n".join(evaluate.to_markdown(r) for r in results.values())
+        _emit(md, args.output, lambda d: evaluate.write_many(results, d))
     return 0
 
 
@@ -378,14 +388,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--form", default=MergeConfig.alignment, choices=("head", "full"),
                    help="rotation per KV head (default: folds into attention for free) or over whole rows")
     p.add_argument("--max-kld", type=float, default=MergeConfig.max_kld,
-                   help="quality budget: mean KLD (nats/token) of the whole selection on held-out calibration tokens "
-                        f"(default {MergeConfig.max_kld})")
+                   help="quality budget: the selection's mean KLD (nats/token) on held-out text of every calibration "
+                        f"domain and on each retrieval probe, at --n-ctx, stays within it (default {MergeConfig.max_kld})")
     p.add_argument("--t", type=float, default=MergeConfig.t, help=f"SLERP parameter (default {MergeConfig.t})")
     p.add_argument("--gamma", type=float, default=MergeConfig.gamma, help=f"retention fraction (default {MergeConfig.gamma})")
     p.add_argument("--window", type=int, default=MergeConfig.window,
                    help=f"recent tokens kept exact while scoring (default {MergeConfig.window})")
-    p.add_argument("--context", type=int, default=1024, help="held-out context tokens per score (default 1024)")
-    p.add_argument("--scored", type=int, default=128, help="held-out tokens scored after it (default 128)")
+    p.add_argument("--n-ctx", type=int, default=MergeConfig.calibration_ctx,
+                   help=f"context length every score is taken at: the n_ctx you will run (default {MergeConfig.calibration_ctx})")
+    p.add_argument("--scored", type=int, default=DEFAULT_SCORED,
+                   help=f"tokens scored per text and per retrieval probe, at the end of the context (default {DEFAULT_SCORED})")
+    p.add_argument("--domains", default=",".join(CAL_DOMAINS),
+                   help=f"built-in calibration domains, comma-separated (default {','.join(CAL_DOMAINS)}; ignored with --text)")
+    p.add_argument("--no-retrieval", action="store_true",
+                   help="no retrieval probe (a span of the context repeated: the model must copy from far back)")
     p.add_argument("--kinds", default="kv", choices=("kv", "k", "v"), help="which caches may be merged (default kv)")
     p.add_argument("--layout", type=int, default=None, metavar="S",
                    help="no budget: merge the paper's fixed pairs (S, S+1), (S+2, S+3), ... (aligned)")
@@ -393,10 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity, KLD, top-1 and passkey vs the full cache, with KV bytes per token",
                        epilog="examples:\n  minicache-gguf eval -o out/                      everything (slow on a CPU)\n"
-                              "  minicache-gguf eval --ctx 1024 --passkey-ctx 0 --rows aligned-head-w256,paper-w256",
+                              "  minicache-gguf eval --ctx 1024 --passkey-ctx 0 --rows aligned-head-w256,paper-w256\n"
+                              "  minicache-gguf eval --ctx 4096 --passkey-ctx 0 --calibration-full none --rows q8_0,q4_0,aligned-head-w256 "
+                              "--text builtin:docs,builtin:code,builtin:chat,builtin:legal,builtin:drama",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    common(p, 0, "UTF-8 text file, or builtin:docs (default: the calibration's domain), builtin:code or "
-                 "builtin:legal (domains the calibration never saw)")
+    common(p, 0, "UTF-8 text file, or builtin:DOMAIN: docs (default), code, chat (held out from the calibration's "
+                 "domains), legal, drama (domains the calibration never saw); comma-separated: one table per text "
+                 "and a summary")
     p.add_argument("-o", "--output", default=None, help="directory for eval.md, eval.json and eval.png")
     p.add_argument("--ctx", default="512,1024,2048,4096,8192", help="context lengths (default 512,1024,2048,4096,8192)")
     p.add_argument("--chunks", type=int, default=1, help="chunks of text per context length (default 1)")

@@ -15,13 +15,16 @@ import numpy as np
 from .reference import RETENTION_MODES
 
 __all__ = ["MergeConfig", "ConfigError", "CalibrationError", "PairSpec", "KvMode", "kv_modes", "GGML_TYPES",
-           "QUANTIZED_TYPES", "TYPE_BLOCKS", "row_bytes", "cache_type", "type_name", "ALIGNMENT_FORMS", "DEFAULT_MAX_KLD"]
+           "QUANTIZED_TYPES", "TYPE_BLOCKS", "row_bytes", "cache_type", "type_name", "ALIGNMENT_FORMS", "DEFAULT_MAX_KLD", "DEFAULT_SCORED"]
 
 #: rotation forms of aligned merging: one R per KV head (folds into attention at no extra cost),
 #: or one R over whole rows (a bit better, 3x the merged layer's attention work when decoding)
 ALIGNMENT_FORMS = ("head", "full")
-#: the quality budget of calibration="auto" (mean KLD, nats/token, on held-out calibration text)
+#: the quality budget of calibration="auto" (mean KLD, nats/token, on held-out calibration text of
+#: every calibration domain and on a retrieval probe, at MergeConfig.calibration_ctx tokens)
 DEFAULT_MAX_KLD = 0.02
+#: tokens calibration scores per held-out text and per retrieval probe
+DEFAULT_SCORED = 128
 
 
 class ConfigError(ValueError):
@@ -125,6 +128,8 @@ class MergeConfig:
     #: calibration="auto" only: rotation form ("head" or "full") and quality budget (KLD)
     alignment: str = field(default="head", metadata={"help": "rotation form of calibration='auto': head or full"})
     max_kld: float = field(default=DEFAULT_MAX_KLD, metadata={"help": "KLD budget (nats/token) of calibration='auto'"})
+    #: calibration="auto" only: the context length (tokens) the KLD budget is scored at
+    calibration_ctx: int = field(default=4096, metadata={"help": "context length the KLD budget of calibration='auto' is scored at"})
 
     def __post_init__(self):
         if self.start_layer is not None and not (_is_int(self.start_layer) and self.start_layer >= 0):
@@ -148,6 +153,8 @@ class MergeConfig:
         if not (_is_real(self.max_kld) and math.isfinite(self.max_kld) and self.max_kld > 0):
             raise ConfigError(f"max_kld={self.max_kld!r} is not valid: expected a positive number (nats/token)")
         object.__setattr__(self, "max_kld", float(self.max_kld))
+        if not (_is_int(self.calibration_ctx) and self.calibration_ctx >= 256):
+            raise ConfigError(f"calibration_ctx={self.calibration_ctx!r} is not valid: expected an integer >= 256 (tokens)")
         cal = self.calibration
         if cal is not None and cal != "auto":
             if not isinstance(cal, (str, Path)):

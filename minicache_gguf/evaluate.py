@@ -205,6 +205,34 @@ def plot(res: Result, path) -> Path:
     return report.save(fig, path)
 
 
-def write(res: Result, out_dir) -> list[Path]:
+def write(res: Result, out_dir, stem: str = "eval") -> list[Path]:
     data = {"model": res.model, "settings": res.settings, "rows": res.rows}
-    return report.write(out_dir, "eval", to_markdown(res), data, lambda p: plot(res, p))
+    return report.write(out_dir, stem, to_markdown(res), data, lambda p: plot(res, p))
+
+
+def summary(results: dict) -> str:
+    """One table per context length: each row's mean KLD on each text (label -> Result of run())."""
+    labels = list(results)
+    first = results[labels[0]]
+    out = [f"## KLD mean by text: {first.model['name']}", "",
+           "Each text scored as in its own table below (last tokens of a chunk, against the full f16 cache).", ""]
+    out += [f"- `{k}`: {r.settings['text']}" for k, r in results.items()] + [""]
+    for c in first.settings["ctx"]:
+        k = str(c)
+        out += [f"### context {c}", "", "| row | compression | " + " | ".join(labels) + " |",
+                "|---|---|" + "---|" * len(labels)]
+        for i, r in enumerate(first.rows):
+            klds = [results[lab].rows[i]["quality"][k]["kld_mean"] for lab in labels]
+            out.append(f"| {r['name']} | {r['compression'][k]:.2f}× | " + " | ".join(f"{x:.4f}" for x in klds) + " |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def write_many(results: dict, out_dir) -> list[Path]:
+    """eval-<text>.{md,json,png} per text and eval-summary.md."""
+    out = []
+    for label, res in results.items():
+        out += write(res, out_dir, "eval-" + "".join(ch if ch.isalnum() else "-" for ch in label.split("/")[-1]))
+    path = Path(out_dir) / "eval-summary.md"
+    path.write_text(summary(results))
+    return out + [path]

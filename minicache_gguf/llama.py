@@ -21,11 +21,15 @@ from .config import GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache
 from .model import default_model_path
 from .validate import validate
 
-__all__ = ["Llama", "CalibrationTypeWarning"]
+__all__ = ["Llama", "CalibrationTypeWarning", "CalibrationContextWarning"]
 
 
 class CalibrationTypeWarning(UserWarning):
     """A calibration scored on one KV cache type is used with another."""
+
+
+class CalibrationContextWarning(UserWarning):
+    """A calibration's KLD budget was scored at a shorter context than this cache holds."""
 
 
 llama_cpp = _internals.llama_cpp
@@ -120,6 +124,14 @@ class Llama(llama_cpp.Llama):
             raise ConfigError(
                 f"kv_merge: the memory of this model ({self.metadata.get('general.architecture', '?')}) "
                 "is not a KV cache MiniCache can merge (recurrent or hybrid models)")
+        scored_at = self.calibration.settings.get("n_ctx") if self.calibration is not None else None
+        if scored_at is not None and self.n_ctx() > scored_at:
+            # more merged tokens than the selection was scored with: the KLD grows with them
+            warnings.warn(
+                f"kv_merge: the calibration's pair selection was scored at context {scored_at} (KLD "
+                f"{self.calibration.selection_kld:.4f}); this cache holds {self.n_ctx()} tokens, and the merge's KLD grows "
+                f"with the merged count (calibrate --n-ctx {self.n_ctx()} scores a selection for it; "
+                f"`minicache-gguf eval --ctx {self.n_ctx()}` measures this one)", CalibrationContextWarning, stacklevel=2)
 
     def reusable_prefix(self, tokens) -> int:
         """How many leading tokens of `tokens` the next generate() takes from the cache rather than

@@ -24,25 +24,37 @@ def kld_per_token(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
 
 class KldScorer:
     """Scores KV-state edits: a stock context holds `context` tokens; `kld(state)` loads an
-    edited state and returns the KLD of the next `scored` tokens against the unedited cache."""
+    edited state and returns the KLD of the next `scored` tokens against the unedited cache.
+    `probes` are other named continuations of the same context (e.g. a span of the context
+    repeated, which the model must copy from far back); `klds(state)` scores all of them."""
 
-    def __init__(self, llm, context: list[int], scored: list[int]):
+    def __init__(self, llm, context: list[int], scored: list[int], probes: dict | None = None):
         self.llm = llm
         self.context = list(context)
-        self.scored = list(scored)
+        self.continuations = {"next": list(scored), **{k: list(v) for k, v in (probes or {}).items()}}
         llm.reset()
         llm.eval(self.context)
         self.blob = _internals.seq_state(llm)
         self.state = kvstate.parse_seq_state(self.blob)
-        self.ref = self._score()
+        self.refs = {k: self._score(v) for k, v in self.continuations.items()}
+        self.ref = self.refs["next"]
 
-    def _score(self) -> np.ndarray:
+    @property
+    def scored(self) -> list[int]:
+        return self.continuations["next"]
+
+    def _score(self, tokens: list[int]) -> np.ndarray:
         self.llm.n_tokens = len(self.context)
-        return _internals.eval_logits(self.llm, self.scored)
+        return _internals.eval_logits(self.llm, tokens)
 
-    def logits(self, state: kvstate.SeqState) -> np.ndarray:
+    def logits(self, state: kvstate.SeqState, which: str = "next") -> np.ndarray:
         _internals.set_seq_state(self.llm, kvstate.serialize_seq_state(state))
-        return self._score()
+        return self._score(self.continuations[which])
 
     def kld(self, state: kvstate.SeqState) -> float:
         return float(kld_per_token(self.ref, self.logits(state)).mean())
+
+    def klds(self, state: kvstate.SeqState) -> dict:
+        """Mean KLD of every continuation (the state is loaded once)."""
+        _internals.set_seq_state(self.llm, kvstate.serialize_seq_state(state))
+        return {k: float(kld_per_token(self.refs[k], self._score(v)).mean()) for k, v in self.continuations.items()}

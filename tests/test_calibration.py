@@ -2,6 +2,7 @@
 refusals, and the aligned engine against the NumPy reference (real engine, real default model)."""
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from minicache_gguf import (ConfigError, Llama, MergeConfig, _internals, alignme
                             kvstate, metrics)
 from minicache_gguf.config import CalibrationError, PairSpec
 from minicache_gguf.model import ModelInfo
-from minicache_gguf.llama import llama_cpp
+from minicache_gguf.llama import CalibrationContextWarning, llama_cpp
 
 N_EMBD = 192
 
@@ -40,7 +41,7 @@ def test_corpus_splits_are_disjoint():
         corpus.builtin_text("train")
 
 
-SMALL = dict(fit_tokens=160, context=128, scored=16, window=32, max_kld=0.05, progress=False)
+SMALL = dict(fit_tokens=160, n_ctx=144, scored=16, window=32, max_kld=0.05, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +58,43 @@ def test_calibration_is_deterministic(model_path, small_cal):
         assert np.array_equal(again.cost[k], small_cal.cost[k])
     assert small_cal.pairs, "a 0.05 budget selects at least one pair"
     assert 0 < small_cal.selection_kld <= 0.05
+    # scored where it will run: every calibration domain and its retrieval probe, at the target context
+    st = small_cal.settings
+    assert st["n_ctx"] == 144 and st["texts"] == list(corpus.CAL_DOMAINS) and st["retrieval_probe"] is True
+    by_text = st["selection_kld_by_text"]
+    assert set(by_text) == {d for c in corpus.CAL_DOMAINS for d in (c, f"{c}:copy")}
+    assert small_cal.selection_kld == max(by_text.values()) and all(v > 0 for v in by_text.values())
+    assert "worst of docs, docs:copy" in small_cal.describe() and "at context 144" in small_cal.describe()
     # pairs of one kind never share a layer
     for k in "kv":
         ls = sorted(q.layer for q in small_cal.pairs if q.kind == k)
         assert all(b - a >= 2 for a, b in zip(ls, ls[1:]))
+
+
+def test_calibration_on_a_users_text(model_path):
+    """text=: fitted and scored on that text alone; retrieval=False: no copy probe."""
+    cal = calibrate.calibrate(model_path, form="head", **{**SMALL, "max_kld": 0.5}, text=corpus.eval_text("drama"),
+                              retrieval=False, log=lambda s: None)
+    assert cal.settings["texts"] == ["user"] and cal.settings["corpus"] == "user text"
+    assert list(cal.settings["selection_kld_by_text"]) == ["user"] and not cal.settings["retrieval_probe"]
+    assert cal.pairs and cal.selection_kld == cal.settings["selection_kld_by_text"]["user"] <= 0.5
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(domains=("docs", "legal")), "domains=('docs', 'legal') is not valid: expected a non-empty subset of"),
+    (dict(domains=()), "domains=() is not valid"),
+    (dict(n_ctx=100, scored=32), "n_ctx=100 is not valid: expected an integer >= 128"),
+    (dict(scored=4), "scored=4 is not valid"),
+])
+def test_calibrate_refuses_bad_settings(model_path, kwargs, msg):
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        calibrate.calibrate(model_path, progress=False, log=lambda s: None, **kwargs)
+
+
+def test_auto_name_records_the_scoring_context():
+    a = calfile.auto_name("ab" * 32, MergeConfig())
+    assert a == f"{'ab' * 8}-head-t0.6-g0.05-w256-kld0.02-c{MergeConfig.calibration_ctx}.gguf"
+    assert calfile.auto_name("ab" * 32, MergeConfig(calibration_ctx=8192)).endswith("-c8192.gguf")
 
 
 def test_calibration_file_round_trips(tmp_path, model_path, small_cal):
@@ -191,14 +225,23 @@ def test_shipped_calibration_is_found_by_auto(model_path, tmp_path, monkeypatch)
     assert shipped is not None and shipped.parent == calfile.SHIPPED_DIR
     cal = calfile.load_calibration(shipped, info)
     assert cal.settings["window"] == MergeConfig.window and cal.settings["max_kld"] == MergeConfig.max_kld
-    llm = Llama(model_path, n_ctx=512, verbose=False, kv_merge=MergeConfig(calibration="auto"))
+    # made by the shipped procedure: every calibration domain and the retrieval probes, at the default context
+    assert cal.settings["n_ctx"] == MergeConfig.calibration_ctx and cal.settings["texts"] == list(corpus.CAL_DOMAINS)
+    assert cal.settings["retrieval_probe"] and 0 < cal.selection_kld <= MergeConfig.max_kld
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationContextWarning)   # 512 <= the scored context: nothing to say
+        llm = Llama(model_path, n_ctx=512, verbose=False, kv_merge=MergeConfig(calibration="auto"))
     assert llm.calibration.path == shipped and not (tmp_path / "calibration").exists()
     assert llm.kv_stats().aligned_pools == len(cal.pairs)
+    llm.close()
+    n = 2 * MergeConfig.calibration_ctx
+    with pytest.warns(CalibrationContextWarning, match=f"scored at context {MergeConfig.calibration_ctx} .* holds {n} tokens"):
+        Llama(model_path, n_ctx=n, verbose=False, kv_merge=MergeConfig(calibration="auto")).close()
 
 
 def test_auto_calibration_is_cached_per_model(model_path, tmp_path, monkeypatch):
     monkeypatch.setenv("MINICACHE_GGUF_CACHE", str(tmp_path))
-    cfg = MergeConfig(calibration="auto", window=128)  # settings no shipped calibration was made for
+    cfg = MergeConfig(calibration="auto", window=128, calibration_ctx=512)  # no shipped calibration has these
     llm = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=cfg)
     files = list((tmp_path / "calibration").glob("*.gguf"))
     assert len(files) == 1 and llm.calibration.pairs

@@ -15,8 +15,8 @@ CLI = str(Path(sys.executable).with_name("minicache-gguf"))
 
 @pytest.fixture(scope="module")
 def cal_file(model_path, tmp_path_factory):
-    cal = calibrate.calibrate(model_path, form="head", fit_tokens=160, context=128, scored=16, window=32,
-                                max_kld=0.05, progress=False, log=lambda s: None)
+    cal = calibrate.calibrate(model_path, form="head", fit_tokens=160, n_ctx=144, scored=16, window=32,
+                                max_kld=0.02, progress=False, log=lambda s: None)
     return cal.save(tmp_path_factory.mktemp("cal") / "cal.gguf")
 
 

@@ -33,6 +33,8 @@ def test_defaults_are_the_papers():
     (dict(retention="bottom"), "retention='bottom'"),
     (dict(calibration=42), "calibration=42"),
     (dict(calibration="/nonexistent/cal.gguf"), "no such file"),
+    (dict(calibration_ctx=100), "calibration_ctx=100"),
+    (dict(calibration_ctx=4096.0), "calibration_ctx=4096.0"),
 ])
 def test_invalid_values_name_the_field_and_range(kwargs, field):
     with pytest.raises(ConfigError) as e:

@@ -9,8 +9,8 @@ PKG = Path(__file__).resolve().parent.parent / "minicache_gguf"
 
 # a module may import only modules of a lower rank (this also rules out every cycle)
 RANK = {
-    "_version": 0, "_engine": 0, "reference": 0, "kvstate": 0, "corpus": 0, "report": 0,
-    "config": 1, "native": 1,
+    "_version": 0, "_engine": 0, "reference": 0, "kvstate": 0, "report": 0,
+    "config": 1, "native": 1, "corpus": 1,
     "model": 2, "layout": 2, "engine": 2,
     "alignment": 3, "calfile": 3,
     "_internals": 4,

