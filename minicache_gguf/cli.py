@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  minicache-gguf calibrate -o smollm2-head.gguf\n"
                               "  minicache-gguf calibrate -m model.gguf --form full --max-kld 0.05 -o model-full.gguf",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    common(p, 2048)
+    common(p, 2048, "UTF-8 text file to fit and score on instead of the built-in domains (--domains)")
     p.add_argument("-o", "--output", required=True, help="calibration file to write (GGUF)")
     p.add_argument("--form", default=MergeConfig.alignment, choices=("head", "full"),
                    help="rotation per KV head (default: folds into attention for free) or over whole rows")
