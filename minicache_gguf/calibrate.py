@@ -113,6 +113,7 @@ def calibrate(model_path, *, form: str = MergeConfig.alignment, max_kld: float =
                 bar.update()
         if bar:
             bar.close()
+        per_text = {}
         if layout is None:
             chosen, misses = [], 0
             bar = _progress(len(cands), "select", progress)
@@ -123,14 +124,16 @@ def calibrate(model_path, *, form: str = MergeConfig.alignment, max_kld: float =
                     continue
                 if cost[c] > max_kld or misses >= 4:
                     break
-                if max(measure(chosen + [c]).values()) <= max_kld:
+                m = measure(chosen + [c])
+                if max(m.values()) <= max_kld:
                     chosen.append(c)
-                    misses = 0
+                    per_text, misses = m, 0
                 else:
                     misses += 1
             if bar:
                 bar.close()
-        per_text = measure(chosen) if chosen else {}
+        elif chosen:
+            per_text = measure(chosen)
     finally:
         llm.close()
     chosen.sort(key=lambda c: (c[0], c[1]))

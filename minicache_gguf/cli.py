@@ -259,14 +259,15 @@ def _cmd_eval(args) -> int:
     evaluate.default_rows(args.window, {f: None for f in forms}, names, t=args.t, gamma=args.gamma)  # validates first
     from . import corpus
 
-    texts = [corpus.text_arg(v) for v in (args.text or "builtin:docs").split(",")]
+    labels = (args.text or "builtin:docs").split(",")
+    texts = [corpus.text_arg(v) for v in labels]
     model = _model(args)
     forms = [f for f in forms if not names or any(f"aligned-{f}" in n for n in names)]
     cal_files = _auto_calibrations(args, model, forms, window=args.window)
     rows = evaluate.default_rows(args.window, cal_files, names, t=args.t, gamma=args.gamma,
                                  type_k=args.cache_type_k, type_v=args.cache_type_v)
     results = {}
-    for i, (label, (text, text_what)) in enumerate(zip(args.text.split(",") if args.text else ["builtin:docs"], texts)):
+    for i, (label, (text, text_what)) in enumerate(zip(labels, texts)):
         # the passkey probe does not depend on the text: run it once, with the first
         results[label] = evaluate.run(model, ctxs=ctxs, chunks=args.chunks, rows=rows, text=text, text_what=text_what,
                                       passkey_ctx=args.passkey_ctx if i == 0 else 0,

