@@ -888,8 +888,11 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
 
     // output [n_embd_head_v, n_tokens, n_head]
     ggml_tensor * kqv;
-    if (ipv < 0) {
+    if (ipv < 0 && v_trans) {
         kqv = ggml_mul_mat(ctx, ggml_permute(ctx, v_dense, 0, 2, 1, 3), kq);
+    } else if (ipv < 0) {
+        // V stored by rows (flash attention on): weighted sums of the rows, read in place
+        kqv = weighted_rows(ctx, ggml_permute(ctx, v_dense, 0, 2, 1, 3), kq);
     } else {
         const auto & p = pools[ipv];
         const int x = il == p.il[0] ? 0 : 1;
@@ -1609,11 +1612,6 @@ ggml_tensor * llama_kv_cache::build_attn_minicache(ggml_context * ctx, ggml_tens
     // env LLAMA_MINICACHE_RESTORE=1: always restore merged K/V and run the stock attention (debug, benchmarks)
     static const bool force_restore = getenv("LLAMA_MINICACHE_RESTORE") && atoi(getenv("LLAMA_MINICACHE_RESTORE"));
     if (!(mk || mv) || !mc_inp || force_restore) {
-        return nullptr;
-    }
-
-    // a dense V is read transposed by the folded attention: only a transposed V cache has it so
-    if (!mv && !v_trans) {
         return nullptr;
     }
 

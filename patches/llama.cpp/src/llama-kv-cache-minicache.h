@@ -121,7 +121,8 @@ public:
     ggml_tensor * get(ggml_context * ctx, int32_t il, int kind, uint32_t n_kv, uint32_t n_embd_head, uint32_t n_head_kv,
             const llama_kv_minicache_inputs & inp) const;
 
-    // attention of layer il without restoring merged K/V (no flash attention): norms scale the
+    // attention of layer il without restoring merged K/V (the plain softmax attention, whether flash
+    // attention is on or off): norms scale the
     // scores and the softmax weights, exact rows are gathered by slot; an aligned pool's rotation
     // is folded into the query (K) and the output (V). k_dense/v_dense: the
     // stock views of a kind that is not merged (nullptr if merged). returns [n_embd_v, n_tokens]
