@@ -75,7 +75,7 @@ class KvStats:
     staging_capacity: int
     retention_capacity: int
     exact_slots_per_layer: int
-    exact_rows_per_layer: int  #: rows allocated for the slots: + 1 zero row, padded to 256
+    exact_rows_per_layer: int  #: rows allocated for the slots of layer a (+ 1 zero row); layer b keeps its exact rows in dir
     merged_pools: int = 0      #: merged (layer pair, kind) combinations
     aligned_pools: int = 0     #: of which with a calibrated rotation
     rotation_bytes: int = 0    #: bytes of the rotations (part of kv_bytes)

@@ -8,10 +8,10 @@ type takes b(e) bytes: f16 2e, q8_0 34e/32, q4_0 18e/32, ...), a context of C ce
   pairs         P = floor((L - S) / 2)                  (l, l+1) for l = S, S+2, ...
   staging       s = min(max(W, U), C)
   retention     r = min(ceil(gamma * C), C)             (bounded top-k capacity)
-  exact rows    R = s + r + 1, rounded up to a multiple of 256 (one zero row; the padding keeps
-                the CPU matrix kernels on the row counts llama.cpp itself uses for n_kv)
+  exact rows    R = s + r + 1 (one zero row), of layer a only: layer b's exact rows live in the
+                direction tensor while the cell holds a slot
   per pair and merged kind with row width e:
-                dir  b(e)*C  +  norms (F32) 2*4*C  +  exact rows 2*b(e)*R
+                dir  b(e)*C  +  norms (F32) 2*4*C  +  exact rows b(e)*R
   every other (layer, kind): b(e)*C, as a stock cache
   stock cache:  L*(b_k(e_k) + b_v(e_v))*C
 
@@ -59,7 +59,7 @@ def expected_layout(n_layer: int, n_embd_k: int, n_embd_v: int, n_ctx: int, cfg:
     total = dense
     for b, merged in ((bk, cfg.merge_k), (bv, cfg.merge_v)):
         if merged:
-            rows = -(-(staging + retention + 1) // 256) * 256
-            pool = b * n_ctx + 2 * 4 * n_ctx + 2 * b * rows
+            rows = staging + retention + 1
+            pool = b * n_ctx + 2 * 4 * n_ctx + b * rows
             total += n_pairs * (pool - 2 * b * n_ctx)
     return Layout(n_ctx, n_pairs, staging, retention, total, dense)

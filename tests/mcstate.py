@@ -1,17 +1,18 @@
-"""Read and write the MiniCache section of a merged cache's per-sequence KV state (format v4), so
+"""Read and write the MiniCache section of a merged cache's per-sequence KV state (format v5), so
 that tests can forge states a user (or an attacker) could hand to load_state.
 
 Layout (llama_kv_minicache::state_write, patches/llama.cpp/src/llama-kv-cache-minicache.cpp):
   u32 magic "MCKV"; u32 version; u32 n_layout; n_layout x i32 layout; f32 t; f32 gamma; u32 n_cells;
   per cell: u8 state (1 staged, 2 merged); u64 staging order;
-    per pool: merged: f32 dist, f32 norm0, f32 norm1, row dir; u8 has_slot; has_slot: row x0, row x1
+    per pool: merged: f32 dist, f32 norm0, f32 norm1; u8 has_slot; has_slot: row x0, row x1 (layer b's
+    row, kept in dir while the cell has a slot); else: row dir (the direction)
 """
 
 import struct
 from dataclasses import dataclass, field
 
 MAGIC = 0x564B434D
-VERSION = 4
+VERSION = 5
 STAGED, MERGED = 1, 2
 
 
@@ -19,7 +20,7 @@ STAGED, MERGED = 1, 2
 class PoolCell:
     dist: float = 0.0
     norms: tuple = (0.0, 0.0)
-    dir: bytes = b""
+    dir: bytes = b""  # the direction (a merged cell without a slot)
     rows: tuple = ()  # (x0, x1) when the cell has an exact slot
 
 
@@ -46,7 +47,7 @@ class McState:
 def parse(blob: bytes, row: int) -> McState:
     """row: bytes of one K/V row of a pool (the default model at f16: 192 x 2)."""
     off = blob.find(struct.pack("<II", MAGIC, VERSION))
-    assert off > 0, "no MiniCache v4 section in this blob"
+    assert off > 0, f"no MiniCache v{VERSION} section in this blob"
     o = off + 8
 
     def take(fmt):
@@ -67,12 +68,13 @@ def parse(blob: bytes, row: int) -> McState:
             if st == MERGED:
                 pc.dist, n0, n1 = take("<fff")
                 pc.norms = (n0, n1)
-                pc.dir = blob[o:o + row]
-                o += row
             (has_slot,) = take("<B")
             if has_slot:
                 pc.rows = (blob[o:o + row], blob[o + row:o + 2 * row])
                 o += 2 * row
+            else:
+                pc.dir = blob[o:o + row]
+                o += row
             cell.pools.append(pc)
         cells.append(cell)
     assert o == len(blob), f"{len(blob) - o} bytes after the MiniCache section"
@@ -87,8 +89,6 @@ def serialize(st: McState, row: int) -> bytes:
         for pc in c.pools:
             if c.state == MERGED:
                 out.append(struct.pack("<fff", pc.dist, *pc.norms))
-                out.append(pc.dir if pc.dir else bytes(row))
             out.append(struct.pack("<B", 1 if pc.rows else 0))
-            for r in pc.rows:
-                out.append(r)
+            out.extend(pc.rows if pc.rows else [pc.dir if pc.dir else bytes(row)])
     return b"".join(out)

@@ -321,9 +321,8 @@ llama_kv_minicache::llama_kv_minicache(
     n_retain_max = std::min<uint32_t>(mc_retain_count(kv_size, params.gamma), kv_size);
     n_slots      = n_stage + n_retain_max;
 
-    // the rows past the slots stay zero: cells without a slot gather row n_slots. the row count is
-    // padded like llama.cpp pads n_kv, which keeps the CPU matrix kernels on shapes they are used to
-    n_rows       = GGML_PAD(n_slots + 1, 256);
+    // the row past the slots stays zero: cells without a slot gather row n_slots
+    n_rows       = n_slots + 1;
 
     pool_of.assign(2*n_layer, -1);
 
@@ -444,7 +443,7 @@ bool llama_kv_minicache::is_merged(int32_t il, int kind) const {
 }
 
 size_t llama_kv_minicache::n_tensors() const {
-    return 6*pools.size();
+    return 5*pools.size();
 }
 
 void llama_kv_minicache::create_tensors(const std::function<ggml_context * (int32_t il)> & ctx_of_layer) {
@@ -457,14 +456,14 @@ void llama_kv_minicache::create_tensors(const std::function<ggml_context * (int3
         ggml_format_name(p.dir, "cache_mc_%c_dir_l%d_%d", kc, p.il[0], p.il[1]);
 
         for (int x = 0; x < 2; ++x) {
-            ggml_context * ctx = ctx_of_layer(p.il[x]);
-
-            p.norm[x] = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, kv_size);
-            p.rows[x] = dir_trans(p) ? ggml_new_tensor_2d(ctx, type, n_rows, p.n_embd)
-                                     : ggml_new_tensor_2d(ctx, type, p.n_embd, n_rows);
+            p.norm[x] = ggml_new_tensor_2d(ctx_of_layer(p.il[x]), GGML_TYPE_F32, 1, kv_size);
             ggml_format_name(p.norm[x], "cache_mc_%c_norm_l%d", kc, p.il[x]);
-            ggml_format_name(p.rows[x], "cache_mc_%c_rows_l%d", kc, p.il[x]);
         }
+
+        // layer a's exact rows (layer b's live in dir)
+        p.rows = dir_trans(p) ? ggml_new_tensor_2d(ctx_of_layer(p.il[0]), type, n_rows, p.n_embd)
+                              : ggml_new_tensor_2d(ctx_of_layer(p.il[0]), type, p.n_embd, n_rows);
+        ggml_format_name(p.rows, "cache_mc_%c_rows_l%d", kc, p.il[0]);
 
         if (p.rot == LLAMA_MINICACHE_ROT_FULL) {
             p.rot_t = ggml_new_tensor_2d(ctx_of_layer(p.il[0]), GGML_TYPE_F32, p.n_embd, p.n_embd);
@@ -574,7 +573,7 @@ size_t llama_kv_minicache::size_bytes(int kind) const {
         if (p.kind == kind) {
             res += ggml_nbytes(p.dir);
             res += ggml_nbytes(p.norm[0]) + ggml_nbytes(p.norm[1]);
-            res += ggml_nbytes(p.rows[0]) + ggml_nbytes(p.rows[1]);
+            res += ggml_nbytes(p.rows);
             res += p.rot_t ? ggml_nbytes(p.rot_t) : 0;
         }
     }
@@ -597,23 +596,29 @@ size_t llama_kv_minicache::dense_bytes(int kind) const {
 
 void llama_kv_minicache::build_inputs(ggml_context * ctx, uint32_t n_tokens, uint32_t n_kv, llama_kv_minicache_inputs & inp) const {
     inp.write_idxs.clear();
+    inp.write_cells.clear();
     inp.gather_idxs.clear();
     inp.slot_cells.clear();
 
     for (size_t i = 0; i < pools.size(); ++i) {
-        ggml_tensor * w = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, dir_trans(pools[i]) ? n_tokens*pools[i].n_embd : n_tokens);
-        ggml_tensor * g = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_kv);
-        ggml_tensor * c = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
+        const int64_t n_write = dir_trans(pools[i]) ? n_tokens*pools[i].n_embd : n_tokens;
+        ggml_tensor * w  = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_write);
+        ggml_tensor * wc = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_write);
+        ggml_tensor * g  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_kv);
+        ggml_tensor * c  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
 
         ggml_set_input(w);
+        ggml_set_input(wc);
         ggml_set_input(g);
         ggml_set_input(c);
 
-        ggml_format_name(w, "mc_inp_write_%zu",  i);
-        ggml_format_name(g, "mc_inp_gather_%zu", i);
-        ggml_format_name(c, "mc_inp_cells_%zu",  i);
+        ggml_format_name(w,  "mc_inp_write_%zu",  i);
+        ggml_format_name(wc, "mc_inp_write_cells_%zu", i);
+        ggml_format_name(g,  "mc_inp_gather_%zu", i);
+        ggml_format_name(c,  "mc_inp_cells_%zu",  i);
 
         inp.write_idxs.push_back(w);
+        inp.write_cells.push_back(wc);
         inp.gather_idxs.push_back(g);
         inp.slot_cells.push_back(c);
     }
@@ -638,6 +643,18 @@ void llama_kv_minicache::set_inputs(const llama_kv_minicache_inputs & inp, const
                     }
                 } else {
                     w[j] = slot;
+                }
+            }
+        }
+
+        if (inp.write_cells[i]->buffer) {
+            GGML_ASSERT(ggml_backend_buffer_is_host(inp.write_cells[i]->buffer));
+            const int64_t ne = dir_trans(p) ? p.n_embd : 1;
+            GGML_ASSERT((size_t) inp.write_cells[i]->ne[0] == ne*ubatch_cells.size());
+            int64_t * w = (int64_t *) inp.write_cells[i]->data;
+            for (size_t j = 0; j < ubatch_cells.size(); ++j) {
+                for (int64_t e = 0; e < ne; ++e) {
+                    w[j*ne + e] = e*kv_size + ubatch_cells[j]; // transposed V: element e at e*kv_size + cell
                 }
             }
         }
@@ -675,18 +692,22 @@ ggml_tensor * llama_kv_minicache::cpy(ggml_context * ctx, ggml_tensor * cur, int
 
     GGML_ASSERT(cur->ne[0] == p.n_embd);
 
+    // layer a's row goes to its slot, layer b's to its cell of dir
+    ggml_tensor * dst  = x == 0 ? p.rows : p.dir;
+    ggml_tensor * idxs = x == 0 ? inp.write_idxs[ip] : inp.write_cells[ip];
+
     if (dir_trans(p)) {
         // one "row" per element, as llama_kv_cache::cpy_v does for its transposed V
         if (!ggml_is_contiguous(cur)) {
             cur = ggml_cont(ctx, cur);
         }
         return ggml_set_rows(ctx,
-                ggml_reshape_2d(ctx, p.rows[x], 1, ggml_nelements(p.rows[x])),
+                ggml_reshape_2d(ctx, dst, 1, ggml_nelements(dst)),
                 ggml_reshape_2d(ctx, cur, 1, ggml_nelements(cur)),
-                inp.write_idxs[ip]);
+                idxs);
     }
 
-    return ggml_set_rows(ctx, p.rows[x], cur, inp.write_idxs[ip]);
+    return ggml_set_rows(ctx, dst, cur, idxs);
 }
 
 ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, uint32_t n_kv, uint32_t n_embd_head, uint32_t n_head_kv,
@@ -697,12 +718,16 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
 
     GGML_ASSERT(n_embd_head*n_head_kv == p.n_embd);
 
-    // the norm tensors hold 0 for cells read from a slot (no mask arithmetic: 0 * Inf would be NaN)
+    // layer a's norms are 0 for cells read from a slot (no mask arithmetic: 0 * Inf would be NaN);
+    // layer b's are 1 there (dir holds its exact row)
     ggml_tensor * norm = ggml_view_1d(ctx, p.norm[x], n_kv, 0);
 
-    // exact cells: their slot's row, every other cell gathers the zero row
-    ggml_tensor * rows  = dir_trans(p) ? ggml_cont(ctx, ggml_transpose(ctx, p.rows[x])) : p.rows[x];
-    ggml_tensor * exact = ggml_get_rows(ctx, rows, inp.gather_idxs[ip]);
+    // layer a's exact cells: their slot's row, every other cell gathers the zero row
+    ggml_tensor * exact = nullptr;
+    if (x == 0) {
+        ggml_tensor * rows = dir_trans(p) ? ggml_cont(ctx, ggml_transpose(ctx, p.rows)) : p.rows;
+        exact = ggml_get_rows(ctx, rows, inp.gather_idxs[ip]);
+    }
 
     // the rotated layer is computed in F32 and rounded to the cache type once, after R^T; other
     // than f16/f32 directions are converted to F32 first and the result rounded to restored_type()
@@ -730,7 +755,9 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
 
         if (!v_trans) {
             // flash attention reads V as rows [n_embd, n_kv]
-            cur = ggml_add(ctx, cur, exact);
+            if (exact) {
+                cur = ggml_add(ctx, cur, exact);
+            }
             if (cur->type != type_out) {
                 cur = ggml_cast(ctx, cur, type_out);
             }
@@ -745,7 +772,9 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
                     0);
         }
 
-        cur = ggml_add(ctx, cur, ggml_cont(ctx, ggml_transpose(ctx, exact)));
+        if (exact) {
+            cur = ggml_add(ctx, cur, ggml_cont(ctx, ggml_transpose(ctx, exact)));
+        }
         if (cur->type != type_out) {
             cur = ggml_cast(ctx, cur, type_out);
         }
@@ -768,7 +797,9 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
     if (rotated) {
         cur = unrotate(ctx, p, cur);
     }
-    cur = ggml_add(ctx, cur, exact);
+    if (exact) {
+        cur = ggml_add(ctx, cur, exact);
+    }
     if (cur->type != type_out) {
         cur = ggml_cast(ctx, cur, type_out);
     }
@@ -875,13 +906,15 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
             kq = ggml_mul_mat(ctx, ggml_permute(ctx, dir, 0, 2, 1, 3), qr);
             ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
         }
-        kq = ggml_mul(ctx, kq, ggml_view_1d(ctx, p.norm[x], n_kv, 0)); // 0 for cells read from a slot
+        kq = ggml_mul(ctx, kq, ggml_view_1d(ctx, p.norm[x], n_kv, 0)); // a: 0, b: 1 for cells with a slot
 
-        // exact cells: x_c . q, gathered by slot (cells without a slot get the zero row's 0)
-        ggml_tensor * rows = ggml_view_3d(ctx, p.rows[x], n_embd_head_k, n_head_kv, n_rows, rh, p.rows[x]->nb[1], 0);
-        ggml_tensor * kq_x = ggml_mul_mat(ctx, ggml_permute(ctx, rows, 0, 2, 1, 3), q); // [n_rows, n_tokens, n_head]
-        ggml_mul_mat_set_prec(kq_x, GGML_PREC_F32);
-        kq = ggml_add(ctx, kq, gather_dim0(ctx, kq_x, inp.gather_idxs[ipk]));
+        if (x == 0) {
+            // layer a's exact cells: x_c . q, gathered by slot (cells without a slot get the zero row's 0)
+            ggml_tensor * rows = ggml_view_3d(ctx, p.rows, n_embd_head_k, n_head_kv, n_rows, rh, p.rows->nb[1], 0);
+            ggml_tensor * kq_x = ggml_mul_mat(ctx, ggml_permute(ctx, rows, 0, 2, 1, 3), q); // [n_rows, n_tokens, n_head]
+            ggml_mul_mat_set_prec(kq_x, GGML_PREC_F32);
+            kq = ggml_add(ctx, kq, gather_dim0(ctx, kq_x, inp.gather_idxs[ipk]));
+        }
     }
 
     kq = ggml_soft_max_ext(ctx, kq, kq_mask, kq_scale, max_bias);
@@ -899,7 +932,7 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
 
         // merged cells: sum_c (p_c norm_c) dir_c, rotated back once per output row for the rotated layer
         const int32_t rot = x == 0 ? p.rot : LLAMA_MINICACHE_ROT_NONE;
-        ggml_tensor * kqn  = ggml_mul(ctx, kq, ggml_view_1d(ctx, p.norm[x], n_kv, 0)); // 0 for cells read from a slot
+        ggml_tensor * kqn  = ggml_mul(ctx, kq, ggml_view_1d(ctx, p.norm[x], n_kv, 0)); // a: 0, b: 1 for cells with a slot
         if (!dir_trans(p)) {
             // quantized V, stored by rows: weighted sums of whole rows (blocks run along the row)
             const size_t rh = ggml_row_size(p.dir->type, n_embd_head_v);
@@ -917,8 +950,10 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
                     kqv = ggml_mul_mat(ctx, p.rot_t, kqv);
                 }
             }
-            ggml_tensor * rows = ggml_view_3d(ctx, p.rows[x], n_embd_head_v, n_rows, n_head_kv, p.rows[x]->nb[1], rh, 0);
-            kqv = ggml_add(ctx, kqv, weighted_rows(ctx, rows, gather_dim0(ctx, kq, inp.slot_cells[ipv])));
+            if (x == 0) {
+                ggml_tensor * rows = ggml_view_3d(ctx, p.rows, n_embd_head_v, n_rows, n_head_kv, p.rows->nb[1], rh, 0);
+                kqv = ggml_add(ctx, kqv, weighted_rows(ctx, rows, gather_dim0(ctx, kq, inp.slot_cells[ipv])));
+            }
         } else if (rot == LLAMA_MINICACHE_ROT_FULL) {
             // each head sums whole direction rows [n_embd, n_tokens, n_head], then R^T maps them to its head
             ggml_tensor * dir = ggml_view_2d(ctx, p.dir, n_kv, p.n_embd, p.dir->nb[1], 0);
@@ -935,10 +970,10 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
             }
         }
 
-        if (dir_trans(p)) {
-            // exact cells: sum_s p_cell(s) x_s (free slots hold zero rows)
-            ggml_tensor * rows_t = ggml_view_3d(ctx, p.rows[x], n_rows, n_embd_head_v, n_head_kv,
-                    p.rows[x]->nb[1], p.rows[x]->nb[1]*n_embd_head_v, 0); // [n_rows, n_embd] stored transposed
+        if (dir_trans(p) && x == 0) {
+            // layer a's exact cells: sum_s p_cell(s) x_s (free slots hold zero rows)
+            ggml_tensor * rows_t = ggml_view_3d(ctx, p.rows, n_rows, n_embd_head_v, n_head_kv,
+                    p.rows->nb[1], p.rows->nb[1]*n_embd_head_v, 0); // [n_rows, n_embd] stored transposed
             kqv = ggml_add(ctx, kqv, ggml_mul_mat(ctx, rows_t, gather_dim0(ctx, kq, inp.slot_cells[ipv])));
         }
     }
@@ -976,15 +1011,41 @@ void llama_kv_minicache::free_slot(pool & p, int32_t s) {
     // a free slot holds a zero row: the attention gathers weights for every slot
     const size_t row = ggml_row_size(type_of(p.kind), p.n_embd);
     const std::vector<uint8_t> zero(row, 0);
-    write_vec(p, p.rows[0], s, zero.data());
-    write_vec(p, p.rows[1], s, zero.data());
+    write_vec(p, p.rows, s, zero.data());
 }
 
 void llama_kv_minicache::sync_norm(pool & p, uint32_t c) const {
+    const bool slot = p.slot_of_cell[c] >= 0;
     for (int x = 0; x < 2; ++x) {
-        const float v = merged[c] && p.slot_of_cell[c] < 0 ? p.norm_host[x][c] : 0.0f;
+        float v = 0.0f;
+        if (slot) {
+            v = x == 0 ? 0.0f : 1.0f;
+        } else if (merged[c]) {
+            v = p.norm_host[x][c];
+        }
         ggml_backend_tensor_set(p.norm[x], &v, c*p.norm[x]->nb[1], sizeof(float));
     }
+}
+
+void llama_kv_minicache::demote(pool & p, uint32_t c, const uint8_t * dir_row) {
+    const int32_t s = p.slot_of_cell[c];
+    GGML_ASSERT(s >= 0 && merged[c]);
+
+    std::vector<uint8_t> buf;
+    if (dir_row == nullptr) {
+        const ggml_type type = type_of(p.kind);
+        const size_t row = ggml_row_size(type, p.n_embd);
+        std::vector<uint8_t> x0(row), x1(row);
+        buf.resize(row);
+        read_vec(p, p.rows, s, x0.data());
+        read_vec(p, p.dir,  c, x1.data());
+        float n0, n1, d;
+        mc_merge(type, x0.data(), x1.data(), 1, p.n_embd, params.t, p.rot != LLAMA_MINICACHE_ROT_NONE ? p.r_full.data() : nullptr,
+                buf.data(), &n0, &n1, &d);
+        dir_row = buf.data();
+    }
+    write_vec(p, p.dir, c, dir_row);
+    free_slot(p, s);
 }
 
 void llama_kv_minicache::write_vec(const pool & p, ggml_tensor * t, uint32_t idx, const uint8_t * row) const {
@@ -1108,29 +1169,35 @@ void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector
 void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merge) {
     const int64_t n = (int64_t) cells_to_merge.size();
 
-    for (auto & p : pools) {
+    // per pool, the directions of the merged cells: written to dir by retain() for the cells that
+    // give their slot up (dir holds layer b's exact row until then)
+    std::vector<std::vector<uint8_t>> dirs(pools.size());
+
+    for (size_t ip = 0; ip < pools.size(); ++ip) {
+        auto & p = pools[ip];
         const ggml_type type = type_of(p.kind);
         const size_t row = ggml_row_size(type, p.n_embd);
 
-        std::vector<uint8_t> x0(n*row), x1(n*row), dir(n*row);
+        std::vector<uint8_t> x0(n*row), x1(n*row);
         std::vector<float>   n0(n), n1(n), dist(n);
-
-        for (int64_t i = 0; i < n; ++i) {
-            const int32_t s = p.slot_of_cell[cells_to_merge[i]];
-            if (s < 0) {
-                throw std::runtime_error(format("cell %u is staged without an exact slot", cells_to_merge[i]));
-            }
-            read_vec(p, p.rows[0], s, x0.data() + i*row);
-            read_vec(p, p.rows[1], s, x1.data() + i*row);
-        }
-
-        mc_merge(type, x0.data(), x1.data(), n, p.n_embd, params.t, p.rot != LLAMA_MINICACHE_ROT_NONE ? p.r_full.data() : nullptr,
-                dir.data(), n0.data(), n1.data(), dist.data());
+        dirs[ip].resize(n*row);
 
         for (int64_t i = 0; i < n; ++i) {
             const uint32_t c = cells_to_merge[i];
-            write_vec(p, p.dir, c, dir.data() + i*row);
-            // the norm tensors stay 0 while the cell keeps its slot (see sync_norm)
+            const int32_t  s = p.slot_of_cell[c];
+            if (s < 0) {
+                throw std::runtime_error(format("cell %u is staged without an exact slot", c));
+            }
+            read_vec(p, p.rows, s, x0.data() + i*row);
+            read_vec(p, p.dir,  c, x1.data() + i*row);
+        }
+
+        mc_merge(type, x0.data(), x1.data(), n, p.n_embd, params.t, p.rot != LLAMA_MINICACHE_ROT_NONE ? p.r_full.data() : nullptr,
+                dirs[ip].data(), n0.data(), n1.data(), dist.data());
+
+        for (int64_t i = 0; i < n; ++i) {
+            const uint32_t c = cells_to_merge[i];
+            // the norm tensors keep 0 / 1 while the cell keeps its slot (see sync_norm)
             p.norm_host[0][c] = n0[i];
             p.norm_host[1][c] = n1[i];
             p.dist[c] = dist[i];
@@ -1144,12 +1211,17 @@ void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merg
     n_staged_cur -= (uint32_t) n;
     n_merged_cur += (uint32_t) n;
 
-    for (auto & p : pools) {
-        retain(p);
+    for (size_t ip = 0; ip < pools.size(); ++ip) {
+        const size_t row = ggml_row_size(type_of(pools[ip].kind), pools[ip].n_embd);
+        std::unordered_map<uint32_t, const uint8_t *> new_dirs;
+        for (int64_t i = 0; i < n; ++i) {
+            new_dirs[cells_to_merge[i]] = dirs[ip].data() + i*row;
+        }
+        retain(pools[ip], new_dirs);
     }
 }
 
-void llama_kv_minicache::retain(pool & p) {
+void llama_kv_minicache::retain(pool & p, const std::unordered_map<uint32_t, const uint8_t *> & new_dirs) {
     // candidates: every merged cell that owns a slot, i.e. the retained ones and the newly merged
     // ones (marked merged already, still in their staging slot)
     std::vector<uint32_t> cand;
@@ -1187,14 +1259,15 @@ void llama_kv_minicache::retain(pool & p) {
 
     // the rest give their slot up (they fall back to dir * norm)
     for (size_t i = k; i < cand.size(); ++i) {
-        free_slot(p, p.slot_of_cell[cand[i]]);
+        const auto it = new_dirs.find(cand[i]);
+        demote(p, cand[i], it != new_dirs.end() ? it->second : nullptr);
     }
 }
 
 void llama_kv_minicache::clear() {
     // every cell and slot back to the state of a new cache, tensors zeroed in bulk
     for (auto & p : pools) {
-        for (ggml_tensor * t : { p.dir, p.norm[0], p.norm[1], p.rows[0], p.rows[1] }) {
+        for (ggml_tensor * t : { p.dir, p.norm[0], p.norm[1], p.rows }) {
             if (t->buffer) {
                 ggml_backend_tensor_memset(t, 0, 0, ggml_nbytes(t));
             }
@@ -1225,7 +1298,7 @@ void llama_kv_minicache::clear() {
 //
 
 static constexpr uint32_t MC_STATE_MAGIC   = 0x564B434D; // "MCKV"
-static constexpr uint32_t MC_STATE_VERSION = 4;
+static constexpr uint32_t MC_STATE_VERSION = 5;
 
 // what a state depends on: retention, window, the slot capacities (from n_ctx and n_ubatch), the
 // cache types and llama.cpp's Hadamard blocks (the basis of the stored rows), the pools
@@ -1285,19 +1358,18 @@ void llama_kv_minicache::state_write(llama_io_write_i & io, const std::vector<ui
                 const float n[2] = { p.norm_host[0][c], p.norm_host[1][c] };
                 io.write(&p.dist[c], sizeof(float));
                 io.write(n, sizeof(n));
-                read_vec(p, p.dir, c, buf.data());
-                io.write(buf.data(), row);
             }
 
+            // a cell with a slot: its exact rows (layer b's is in dir); a merged cell without: its direction
             const int32_t s = p.slot_of_cell[c];
             const uint8_t has_slot = s >= 0;
             io.write(&has_slot, sizeof(has_slot));
             if (has_slot) {
-                for (int x = 0; x < 2; ++x) {
-                    read_vec(p, p.rows[x], s, buf.data());
-                    io.write(buf.data(), row);
-                }
+                read_vec(p, p.rows, s, buf.data());
+                io.write(buf.data(), row);
             }
+            read_vec(p, p.dir, c, buf.data());
+            io.write(buf.data(), row);
         }
     }
 }
@@ -1411,9 +1483,6 @@ void llama_kv_minicache::state_read_cells(llama_io_read_i & io, const std::vecto
                 p.dist[c]         = d;
                 p.norm_host[0][c] = n[0];
                 p.norm_host[1][c] = n[1];
-                sync_norm(p, c);
-                io.read(buf.data(), row);
-                write_vec(p, p.dir, c, buf.data());
             }
 
             uint8_t has_slot;
@@ -1430,11 +1499,13 @@ void llama_kv_minicache::state_read_cells(llama_io_read_i & io, const std::vecto
                 if (s < 0) {
                     throw std::runtime_error(format("MiniCache state: more exact rows than this cache has slots (%u)", n_slots));
                 }
-                for (int x = 0; x < 2; ++x) {
-                    io.read(buf.data(), row);
-                    write_vec(p, p.rows[x], s, buf.data());
-                }
+                io.read(buf.data(), row);
+                write_vec(p, p.rows, s, buf.data());
             }
+            // layer b's exact row (a cell with a slot) or the direction
+            io.read(buf.data(), row);
+            write_vec(p, p.dir, c, buf.data());
+            sync_norm(p, c);
         }
     }
     stage_counter = seq_max;
@@ -1501,7 +1572,7 @@ int32_t llama_kv_minicache::get_rows(int32_t il, int kind, int32_t c0, int32_t n
         const int32_t  s = p.slot_of_cell[c];
         float * dst = out + (size_t) i*p.n_embd;
         if (s >= 0) {
-            read_vec(p, p.rows[x], s, buf.data());
+            read_vec(p, x == 0 ? p.rows : p.dir, x == 0 ? (uint32_t) s : c, buf.data());
             row_to_f32(type, buf.data(), p.n_embd, dst);
         } else {
             const float norm = p.norm_host[x][c];

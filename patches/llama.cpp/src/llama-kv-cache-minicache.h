@@ -3,19 +3,23 @@
 // MiniCache merged layer pairs inside llama_kv_cache (see include/llama-minicache.h)
 //
 // Per merged pair (a, b = a + 1) and per merged kind (K or V), a "pool" holds:
-//   dir     [n_embd, kv_size]     the shared unit direction of every cell, in the cache type
+//   dir     [n_embd, kv_size]     per cell, in the cache type: the shared unit direction of a merged
+//                                 cell, or layer b's exact row while the cell owns a slot (staged or
+//                                 retained; a retained cell's direction is merged again from its exact
+//                                 rows when it gives the slot up)
 //                                 (V of a float type: transposed, [kv_size, n_embd]: the attention
 //                                 sums over cells; quantized V is stored by rows, as llama.cpp does)
-//   norm[x] [1, kv_size] F32      the per-cell norm of layer a (x = 0) and b (x = 1)
-//   rows[x] [n_embd, n_rows]      exact rows of the cells that own a slot; rows n_slots.. stay 0
+//   norm[x] [1, kv_size] F32      the per-cell factor of layer a (x = 0) and b (x = 1) on dir: the norm
+//                                 of a merged cell without a slot; for a cell with a slot 0 (a) and 1 (b)
+//   rows    [n_embd, n_rows]      layer a's exact rows of the cells that own a slot; rows n_slots.. stay 0
 //                                 (laid out like the directions)
 //   rot     F32                   aligned pools: the rotation R of layer a (merged as x_a * R), laid out
 //                                 for the decoding fold (K: R^T row-major, V: R row-major; per-head
 //                                 blocks [n_embd_head, n_embd_head, n_head_kv] for ROT_HEAD)
 // and, on the host, the slot <-> cell maps. New tokens are written to slots (staging); tokens
 // leaving the staging window are merged by the native core (native/minicache.h) between
-// ubatches; the most distinct merged pairs keep their slot (retention). A layer is read back in
-// the graph as dir * norm (merged cells) + rows gathered by slot (exact cells).
+// ubatches; the most distinct merged pairs keep their slot (retention). Layer b is read back in
+// the graph as dir * norm; layer a as dir * norm (merged cells) + rows gathered by slot (exact cells).
 
 #include "llama-minicache.h"
 
@@ -63,6 +67,7 @@ struct llama_minicache_config {
 // graph inputs of the merged layers, one entry per pool
 struct llama_kv_minicache_inputs {
     std::vector<ggml_tensor *> write_idxs;  // [n_tokens] I64: slot of each ubatch token (V: [n_tokens*n_embd], one per element)
+    std::vector<ggml_tensor *> write_cells; // the same for the cell of each ubatch token (layer b's row goes to dir)
     std::vector<ggml_tensor *> gather_idxs; // [n_kv]     I32: slot of each cell, n_slots (the zero row) if none
     std::vector<ggml_tensor *> slot_cells;  // [n_rows]   I32: cell of each slot, 0 for free slots and padding (zero rows)
 };
@@ -180,13 +185,13 @@ private:
         ggml_tensor * rot_t   = nullptr;
         ggml_tensor * dir     = nullptr;
         ggml_tensor * norm[2] = { nullptr, nullptr };
-        ggml_tensor * rows[2] = { nullptr, nullptr };
+        ggml_tensor * rows    = nullptr;
 
         std::vector<int32_t> slot_of_cell; // -1: no slot
         std::vector<int32_t> cell_of_slot; // -1: free
         std::vector<float>   dist;         // angular distance of merged cells
         std::vector<float>   norm_host[2]; // the norms of merged cells; the norm tensors hold them only
-                                           // for cells without a slot (0 for every other cell)
+                                           // for cells without a slot (see sync_norm)
 
         // lowest free slot first: the slot of a token depends only on which slots are free, so a
         // cache emptied and refilled lays its rows out as a fresh one does
@@ -209,7 +214,7 @@ private:
     uint32_t n_stage      = 0; // staging capacity: max(window, n_ubatch)
     uint32_t n_retain_max = 0; // retention capacity: ceil(gamma * kv_size)
     uint32_t n_slots      = 0; // n_stage + n_retain_max
-    uint32_t n_rows       = 0; // rows of the exact-slot tensors: n_slots + 1, padded to 256
+    uint32_t n_rows       = 0; // rows of the exact-slot tensors: n_slots + 1 (a zero row)
 
     std::vector<pool>    pools;
     std::vector<int32_t> pool_of;  // [il * 2 + kind] -> pool index, -1 if not merged
@@ -235,8 +240,12 @@ private:
     void release_cell(uint32_t c);
     int32_t take_slot(pool & p, uint32_t c); // -1 when the pool has no free slot
     void free_slot(pool & p, int32_t s);
-    // the norm tensors' value of cell c: its norm if it has no slot (read as dir * norm), else 0
+    // the norm tensors' value of cell c: its norms if merged without a slot (read as dir * norm); with a
+    // slot 0 for layer a (its row is gathered) and 1 for layer b (dir holds its row); 0 for an empty cell
     void sync_norm(pool & p, uint32_t c) const;
+    // merged cell c gives its slot up: its direction (dir_row, or merged again from its exact rows when
+    // nullptr: the merge is deterministic per row) replaces layer b's row in dir
+    void demote(pool & p, uint32_t c, const uint8_t * dir_row);
     // one row of dir (index: cell) or rows[x] (index: slot), stored transposed for V
     void write_vec(const pool & p, ggml_tensor * t, uint32_t idx, const uint8_t * row) const;
     void read_vec (const pool & p, ggml_tensor * t, uint32_t idx, uint8_t * row) const;
@@ -244,8 +253,9 @@ private:
     // restored merged part of layer a of an aligned pool: cur [n_embd, n] * R^T
     ggml_tensor * unrotate(ggml_context * ctx, const pool & p, ggml_tensor * cur) const;
     std::vector<int32_t> layout_desc() const;
-    // keep the most distinct merged cells of a pool in their slots, free the others
-    void retain(pool & p);
+    // keep the most distinct merged cells of a pool in their slots, demote the others; new_dirs: the
+    // directions of the cells merged just now (cell -> row)
+    void retain(pool & p, const std::unordered_map<uint32_t, const uint8_t *> & new_dirs);
 };
 
 // llama_model::create_memory() takes the params armed on this thread (llama_minicache_set_pending)
