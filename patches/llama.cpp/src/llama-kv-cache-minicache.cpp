@@ -365,6 +365,11 @@ llama_kv_minicache::llama_kv_minicache(
         p.n_embd      = ne_a;
         p.n_embd_head = nh_a;
         p.n_head_kv   = ne_a/nh_a;
+        p.n_head      = hparams.n_head(a);
+        if (hparams.n_head(b) != p.n_head) {
+            throw std::runtime_error(format("layers %d and %d have different head counts (%u, %u): cannot merge them",
+                    a, b, p.n_head, hparams.n_head(b)));
+        }
         p.rot         = q.rot;
 
         if (q.rot != LLAMA_MINICACHE_ROT_NONE) {
@@ -598,29 +603,41 @@ void llama_kv_minicache::build_inputs(ggml_context * ctx, uint32_t n_tokens, uin
     inp.write_idxs.clear();
     inp.write_cells.clear();
     inp.gather_idxs.clear();
-    inp.slot_cells.clear();
+    inp.fold_idxs.clear();
+    inp.fold_zero.clear();
 
     for (size_t i = 0; i < pools.size(); ++i) {
         const int64_t n_write = dir_trans(pools[i]) ? n_tokens*pools[i].n_embd : n_tokens;
         ggml_tensor * w  = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_write);
         ggml_tensor * wc = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_write);
         ggml_tensor * g  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_kv);
-        ggml_tensor * c  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
+        ggml_tensor * f  = nullptr;
+        ggml_tensor * fz = nullptr;
+        if (n_tokens <= LLAMA_MINICACHE_FOLD_MAX_TOKENS) {
+            const int64_t nth = (int64_t) n_tokens*pools[i].n_head;
+            f = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_rows, pools[i].kind == KIND_K ? 1 : nth);
+            ggml_set_input(f);
+            ggml_format_name(f, "mc_inp_fold_%zu", i);
+            if (pools[i].kind == KIND_K) {
+                fz = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, n_kv + 1, nth);
+                ggml_set_input(fz);
+                ggml_format_name(fz, "mc_inp_fold_zero_%zu", i);
+            }
+        }
 
         ggml_set_input(w);
         ggml_set_input(wc);
         ggml_set_input(g);
-        ggml_set_input(c);
 
         ggml_format_name(w,  "mc_inp_write_%zu",  i);
         ggml_format_name(wc, "mc_inp_write_cells_%zu", i);
         ggml_format_name(g,  "mc_inp_gather_%zu", i);
-        ggml_format_name(c,  "mc_inp_cells_%zu",  i);
 
         inp.write_idxs.push_back(w);
         inp.write_cells.push_back(wc);
         inp.gather_idxs.push_back(g);
-        inp.slot_cells.push_back(c);
+        inp.fold_idxs.push_back(f);
+        inp.fold_zero.push_back(fz);
     }
 }
 
@@ -670,17 +687,27 @@ void llama_kv_minicache::set_inputs(const llama_kv_minicache_inputs & inp, const
             }
         }
 
-        if (inp.slot_cells[i]->buffer) {
-            GGML_ASSERT(ggml_backend_buffer_is_host(inp.slot_cells[i]->buffer));
-            int32_t * sc = (int32_t *) inp.slot_cells[i]->data;
+        ggml_tensor * f = inp.fold_idxs[i];
+        if (f && f->buffer) {
+            GGML_ASSERT(ggml_backend_buffer_is_host(f->buffer));
+            // K: free slots and the zero row scatter their 0 to the spare cell n_kv; V: they gather any weight
+            const int32_t unused = p.kind == KIND_K ? (int32_t) n_kv : 0;
+            int32_t * sc = (int32_t *) f->data;
             for (uint32_t s = 0; s < n_slots; ++s) {
                 const int32_t c = p.cell_of_slot[s];
                 GGML_ASSERT(c < (int32_t) n_kv);
-                sc[s] = c >= 0 ? c : 0; // a free slot's row is zero: any cell will do
+                sc[s] = c >= 0 ? c : unused;
             }
-            for (uint32_t s = n_slots; s < n_rows; ++s) {
-                sc[s] = 0; // zero rows
+            sc[n_slots] = unused;
+            for (int64_t j = 1; j < f->ne[1]; ++j) {
+                memcpy(sc + j*n_rows, sc, sizeof(int32_t)*n_rows);
             }
+        }
+
+        ggml_tensor * fz = inp.fold_zero[i];
+        if (fz && fz->buffer) {
+            GGML_ASSERT(ggml_backend_buffer_is_host(fz->buffer));
+            memset(fz->data, 0, ggml_nbytes(fz));
         }
     }
 }
@@ -838,14 +865,12 @@ ggml_tensor * llama_kv_minicache::unrotate(ggml_context * ctx, const pool & p, g
     return ggml_cast(ctx, res, restored_type(p.kind));
 }
 
-// gather along dim 0 of x [n0, n1, n2] with idx [m] (values < n0): [m, n1, n2]
+// gather along dim 0 of x [n0, n1, n2] (contiguous) with idx [m, n1*n2] (values < n0, the same index
+// for every (i1, i2)): [m, n1, n2]. each element is a one-value row of x: no transposes
 static ggml_tensor * gather_dim0(ggml_context * ctx, ggml_tensor * x, ggml_tensor * idx) {
-    const int64_t n1 = x->ne[1];
-    const int64_t n2 = x->ne[2];
-    ggml_tensor * t = ggml_cont(ctx, ggml_permute(ctx, x, 2, 0, 1, 3));       // [n1, n2, n0]
-    t = ggml_get_rows(ctx, ggml_reshape_2d(ctx, t, n1*n2, x->ne[0]), idx);   // [n1*n2, m]
-    t = ggml_reshape_3d(ctx, t, n1, n2, idx->ne[0]);
-    return ggml_cont(ctx, ggml_permute(ctx, t, 1, 2, 0, 3));                 // [m, n1, n2]
+    GGML_ASSERT(idx->ne[1] == x->ne[1]*x->ne[2]);
+    ggml_tensor * t = ggml_get_rows(ctx, ggml_reshape_3d(ctx, x, 1, x->ne[0], x->ne[1]*x->ne[2]), idx); // [1, m, n1*n2]
+    return ggml_reshape_3d(ctx, t, idx->ne[0], x->ne[1], x->ne[2]);
 }
 
 // sum over n rows weighted per token and query head, for rows stored untransposed (quantized V):
@@ -913,7 +938,11 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
             ggml_tensor * rows = ggml_view_3d(ctx, p.rows, n_embd_head_k, n_head_kv, n_rows, rh, p.rows->nb[1], 0);
             ggml_tensor * kq_x = ggml_mul_mat(ctx, ggml_permute(ctx, rows, 0, 2, 1, 3), q); // [n_rows, n_tokens, n_head]
             ggml_mul_mat_set_prec(kq_x, GGML_PREC_F32);
-            kq = ggml_add(ctx, kq, gather_dim0(ctx, kq_x, inp.gather_idxs[ipk]));
+            // scattered to their cells in a zeroed [n_kv + 1, n_tokens, n_head] (free slots write the spare cell)
+            const int64_t nth = kq_x->ne[1]*kq_x->ne[2];
+            ggml_tensor * sc = ggml_set_rows(ctx, inp.fold_zero[ipk], ggml_reshape_3d(ctx, kq_x, 1, n_rows, nth), inp.fold_idxs[ipk]);
+            sc = ggml_view_3d(ctx, sc, n_kv, kq_x->ne[1], kq_x->ne[2], sc->nb[1]*(n_kv + 1), sc->nb[1]*(n_kv + 1)*kq_x->ne[1], 0);
+            kq = ggml_add(ctx, kq, sc);
         }
     }
 
@@ -952,7 +981,7 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
             }
             if (x == 0) {
                 ggml_tensor * rows = ggml_view_3d(ctx, p.rows, n_embd_head_v, n_rows, n_head_kv, p.rows->nb[1], rh, 0);
-                kqv = ggml_add(ctx, kqv, weighted_rows(ctx, rows, gather_dim0(ctx, kq, inp.slot_cells[ipv])));
+                kqv = ggml_add(ctx, kqv, weighted_rows(ctx, rows, gather_dim0(ctx, kq, inp.fold_idxs[ipv])));
             }
         } else if (rot == LLAMA_MINICACHE_ROT_FULL) {
             // each head sums whole direction rows [n_embd, n_tokens, n_head], then R^T maps them to its head
@@ -974,7 +1003,7 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
             // layer a's exact cells: sum_s p_cell(s) x_s (free slots hold zero rows)
             ggml_tensor * rows_t = ggml_view_3d(ctx, p.rows, n_rows, n_embd_head_v, n_head_kv,
                     p.rows->nb[1], p.rows->nb[1]*n_embd_head_v, 0); // [n_rows, n_embd] stored transposed
-            kqv = ggml_add(ctx, kqv, ggml_mul_mat(ctx, rows_t, gather_dim0(ctx, kq, inp.slot_cells[ipv])));
+            kqv = ggml_add(ctx, kqv, ggml_mul_mat(ctx, rows_t, gather_dim0(ctx, kq, inp.fold_idxs[ipv])));
         }
     }
 

@@ -69,7 +69,11 @@ struct llama_kv_minicache_inputs {
     std::vector<ggml_tensor *> write_idxs;  // [n_tokens] I64: slot of each ubatch token (V: [n_tokens*n_embd], one per element)
     std::vector<ggml_tensor *> write_cells; // the same for the cell of each ubatch token (layer b's row goes to dir)
     std::vector<ggml_tensor *> gather_idxs; // [n_kv]     I32: slot of each cell, n_slots (the zero row) if none
-    std::vector<ggml_tensor *> slot_cells;  // [n_rows]   I32: cell of each slot, 0 for free slots and padding (zero rows)
+    // the folded attention's cell of each slot (nullptr for ubatches that restore K/V). K pools: [n_rows],
+    // n_kv (a spare cell) for free slots: the exact scores are scattered to their cells. V pools:
+    // [n_rows, n_tokens*n_head], 0 for free slots (zero rows): the weights are gathered per (token, head)
+    std::vector<ggml_tensor *> fold_idxs;
+    std::vector<ggml_tensor *> fold_zero;   // K pools: [1, n_kv + 1, n_tokens*n_head] F32 zeros, the scatter's target
 };
 
 class llama_kv_minicache {
@@ -177,6 +181,7 @@ private:
         uint32_t n_embd;
         uint32_t n_embd_head;
         uint32_t n_head_kv;
+        uint32_t n_head; // query heads of the pair's layers
 
         int32_t            rot = LLAMA_MINICACHE_ROT_NONE;
         std::vector<float> r_full; // R as a full n_embd x n_embd row-major matrix (host, for the merge)
