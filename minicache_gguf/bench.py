@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import corpus, report
-from .config import BENCH_MODES, MergeConfig, kv_modes
+from .config import BENCH_CTX, BENCH_MODES, MergeConfig, kv_modes
 from .llama import Llama
 from .model import ModelInfo
 
@@ -37,8 +37,8 @@ def prefill_decode(llm, toks, n_prefill: int, n_decode: int) -> tuple[float, flo
     return n_prefill / (t1 - t0), n_decode / (t2 - t1)
 
 
-def _one(model, kw, n_ctx, toks, n_decode, threads):
-    llm = Llama(model, n_ctx=n_ctx, flash_attn=True, n_threads=threads, n_threads_batch=threads, verbose=False, **kw)
+def _one(model, kw, n_ctx, toks, n_decode, threads, flash_attn=True):
+    llm = Llama(model, n_ctx=n_ctx, flash_attn=flash_attn, n_threads=threads, n_threads_batch=threads, verbose=False, **kw)
     try:
         p, d = prefill_decode(llm, toks, n_ctx - n_decode - 8, n_decode)
         return p, d, llm.kv_stats().kv_bytes
@@ -71,8 +71,8 @@ def largest_context(model, kw, budget: int, lo: int = 256) -> int:
     return lo
 
 
-def run(model, *, ctxs=(1024, 4096, 8192), mode_kw: dict, n_decode: int = 32, reps: int = 1,
-        budget_mib: float = 64.0, threads: Optional[int] = None, progress: bool = True) -> dict:
+def run(model, *, ctxs=BENCH_CTX, mode_kw: dict, n_decode: int = 32, reps: int = 1,
+        budget_mib: float = 64.0, threads: Optional[int] = None, progress: bool = True, flash_attn: bool = True) -> dict:
     ctxs = sorted(set(int(c) for c in ctxs))
     if not ctxs or ctxs[0] < n_decode + 64:
         raise ValueError(f"context lengths {ctxs} are not valid: expected integers >= {n_decode + 64}")
@@ -84,13 +84,13 @@ def run(model, *, ctxs=(1024, 4096, 8192), mode_kw: dict, n_decode: int = 32, re
     vocab = Llama(model, n_ctx=64, vocab_only=True, verbose=False)
     toks = corpus.tokens_for(vocab, corpus.builtin_text("eval"), max(ctxs), "benchmark")
     bar = report.progress(len(ctxs) * reps * len(mode_kw) + len(mode_kw), "bench", progress)
-    _one(model, next(iter(mode_kw.values())), ctxs[0], toks, n_decode, threads)  # warm-up: page the model in
+    _one(model, next(iter(mode_kw.values())), ctxs[0], toks, n_decode, threads, flash_attn)  # warm-up: page the model in
     res = {m: {"by_ctx": {}} for m in mode_kw}
     for c in ctxs:
         runs = {m: [] for m in mode_kw}
         for _ in range(reps):
             for m, kw in mode_kw.items():
-                runs[m].append(_one(model, kw, c, toks, n_decode, threads))
+                runs[m].append(_one(model, kw, c, toks, n_decode, threads, flash_attn))
                 if bar:
                     bar.update()
         ref = runs.get("f16")
@@ -120,7 +120,7 @@ def run(model, *, ctxs=(1024, 4096, 8192), mode_kw: dict, n_decode: int = 32, re
     info = ModelInfo.of(model)
     return {"model": {"name": info.name, "sha256": info.sha256, "path": str(model)},
             "settings": {"ctx": ctxs, "n_decode": n_decode, "reps": reps, "budget_mib": budget_mib, "threads": threads,
-                         "flash_attn": True, "modes": {m: {k: (v.to_dict() if isinstance(v, MergeConfig) else v)
+                         "flash_attn": flash_attn, "modes": {m: {k: (v.to_dict() if isinstance(v, MergeConfig) else v)
                                                            for k, v in kw.items()} for m, kw in mode_kw.items()}},
             "modes": res}
 
@@ -139,7 +139,7 @@ def _base_mode(name: str, runs: dict):
 def to_markdown(r: dict) -> str:
     s = r["settings"]
     out = [f"## KV memory and speed: {r['model']['name']}", "",
-           f"flash attention on, {s['threads']} threads, {s['n_decode']} tokens decoded after a prefill of "
+           f"flash attention {'on' if s['flash_attn'] else 'off'}, {s['threads']} threads, {s['n_decode']} tokens decoded after a prefill of "
            f"n_ctx - {s['n_decode'] + 8}; {s['reps']} rep(s), modes back to back; tok/s: medians; vs f16: median of "
            "the per-rep ratios [min–max over reps].", "",
            "| n_ctx | mode | KV MiB | KV vs f16 | prefill tok/s | vs f16 | decode tok/s | vs f16 |",

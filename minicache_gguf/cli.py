@@ -12,7 +12,7 @@ import dataclasses
 import json
 import sys
 
-from .config import BENCH_MODES, DEFAULT_SCORED, GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache_type
+from .config import BENCH_CTX, BENCH_MODES, DEFAULT_SCORED, GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache_type
 from .corpus import CAL_DOMAINS
 
 EXAMPLES = """examples:
@@ -112,8 +112,9 @@ def _cmd_generate(args) -> int:
     from .llama import Llama
 
     kv_merge = merge_config(args, GENERATE_MERGE) if args.kv_merge else False
-    llm = Llama(args.model, n_ctx=args.n_ctx, n_ubatch=args.n_ubatch, seed=args.seed, verbose=args.verbose,
-                kv_merge=kv_merge, **cache_kwargs(args))
+    ubatch = {} if args.n_ubatch is None else {"n_ubatch": args.n_ubatch}
+    llm = Llama(args.model, n_ctx=args.n_ctx, seed=args.seed, verbose=args.verbose,
+                kv_merge=kv_merge, **ubatch, **cache_kwargs(args))
     summary = generate.run(llm, args.prompt, n=args.n, temp=args.temp, raw=args.raw, doc=args.doc)
     print(json.dumps(summary) if args.json else generate.summary_line(summary), file=sys.stderr)
     return 0
@@ -223,7 +224,8 @@ def _cmd_bench(args) -> int:
     forms = [f for f in ("head", "full") if any(f"aligned-{f}" in n for n in names or BENCH_MODES)]
     mode_kw = bench.modes(_auto_calibrations(args, model, forms), names, type_k=args.cache_type_k, type_v=args.cache_type_v)
     res = bench.run(model, ctxs=ctxs, mode_kw=mode_kw, n_decode=args.decode, reps=args.reps,
-                    budget_mib=args.budget_mib, threads=args.threads, progress=not args.no_progress)
+                    budget_mib=args.budget_mib, threads=args.threads, progress=not args.no_progress,
+                    flash_attn=args.flash_attn == "on")
     _emit(bench.to_markdown(res), args.output, lambda d: bench.write(res, d))
     return 0
 
@@ -310,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="plain completion, no chat template")
     p.add_argument("--json", action="store_true", help="print the timing summary as JSON")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
-    p.add_argument("--n-ubatch", type=int, default=512, help="physical batch size (default 512; the staging pool holds one)")
+    p.add_argument("--n-ubatch", type=int, default=None,
+                   help="physical batch size (default 512; with --kv-merge the window, at least 256: the staging pool holds one)")
     p.add_argument("--doc", default=None, metavar="FILE|builtin",
                    help="a document the prompt is about, put before it (builtin: ~5000 tokens of Python's documentation)")
     p.add_argument("-fa", "--flash-attn", action="store_true", help="flash attention on")
@@ -345,19 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("bench", help="KV MiB, prefill and decode tok/s per KV mode and context, side by side",
-                       epilog="examples:\n  minicache-gguf bench -o out/                 1k/4k/8k, f16, q8_0, paper, aligned-head\n"
+                       epilog="examples:\n  minicache-gguf bench -o out/                 1k/4k/8k/16k, f16, q8_0, paper, aligned-head\n"
                               "  minicache-gguf bench --ctx 4096 --modes f16,aligned-head --reps 3 --budget-mib 32",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("-o", "--output", default=None, help="directory for bench.md, bench.json and bench.png")
-    p.add_argument("--ctx", default="1024,4096,8192", help="context lengths (default 1024,4096,8192)")
+    p.add_argument("--ctx", default=",".join(map(str, BENCH_CTX)), help=f"context lengths (default {','.join(map(str, BENCH_CTX))})")
     p.add_argument("--modes", default=None,
                    help="KV modes, as eval's rows: f16, q8_0, q5_0, q4_0 (any cache type, or K/V types as q8_0/q4_0), "
                         "paper-w<W>, paper-v-w<W>, aligned-head-w<W>, aligned-head-v-w<W>, aligned-full-w<W> and their "
                         "-w0 variants, and a merge on a cache type: q4_0+aligned-head-w<W> "
                         f"(default: {','.join(BENCH_MODES)})")
     p.add_argument("--decode", type=int, default=32, help="tokens decoded one at a time (default 32)")
-    p.add_argument("--reps", type=int, default=1, help="repetitions, modes back to back (default 1)")
+    p.add_argument("--reps", type=int, default=1,
+                   help="repetitions, modes back to back; speed ratios are medians of the per-rep ratios (default 1)")
+    p.add_argument("--flash-attn", choices=("on", "off"), default="on",
+                   help="flash attention (default on; llama-cpp-python's own default is off)")
     add_cache_type_arguments(p, " of the merge modes that name no type of their own (default f16)")
     p.add_argument("--budget-mib", type=float, default=64.0, help="KV memory budget for the largest-context column (default 64)")
     p.add_argument("--calibration-head", default="auto", help="per-head calibration file or 'auto' (default)")
@@ -462,7 +468,7 @@ def main(argv=None) -> int:
             ap.error(f"--n-ctx {args.n_ctx} is not valid: expected an integer >= 16")
         if args.temp < 0:
             ap.error(f"--temp {args.temp} is not valid: expected a number >= 0")
-        if args.n_ubatch < 1:
+        if args.n_ubatch is not None and args.n_ubatch < 1:
             ap.error(f"--n-ubatch {args.n_ubatch} is not valid: expected a positive integer")
     try:
         return args.func(args)

@@ -203,9 +203,24 @@ class KvMode:
         return dict(type_k=GGML_TYPES[self.type_k], type_v=GGML_TYPES[self.type_v], kv_merge=self.merge or False)
 
 
+#: llama-cpp-python's ubatch size, and the smallest one a merged context picks by itself
+STOCK_N_UBATCH = 512
+MIN_MERGED_N_UBATCH = 256
+
+
+def merged_n_ubatch(window: int) -> int:
+    """The ubatch size of a merged context when the caller gives none. The staging pool holds
+    max(window, n_ubatch) exact rows, so prompts go in ubatches of the window (at least
+    MIN_MERGED_N_UBATCH tokens for prefill speed, at most llama-cpp-python's STOCK_N_UBATCH): the
+    pool then costs no more than the window does."""
+    return min(STOCK_N_UBATCH, max(window, MIN_MERGED_N_UBATCH))
+
+
 STOCK_TYPES = ("f16", "q8_0", "q5_0", "q4_0")
 #: the modes `minicache-gguf bench` runs unless told otherwise
 BENCH_MODES = ("f16", "q8_0", f"paper-w{MergeConfig.window}", f"aligned-head-w{MergeConfig.window}")
+#: the context lengths it measures unless told otherwise
+BENCH_CTX = (1024, 4096, 8192, 16384)
 
 
 def _split_types(spec: str):

@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 from . import _internals
 from .calibrate import pairs_for
-from .config import GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache_type, type_name
+from .config import GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache_type, merged_n_ubatch, type_name
 from .model import default_model_path
 from .validate import validate
 
@@ -58,7 +58,9 @@ class Llama(llama_cpp.Llama):
     Differences from the stock class:
       - model_path defaults to the default model (SmolLM2-135M-Instruct Q4_1);
       - unknown keyword arguments raise TypeError instead of being silently ignored;
-      - kv_merge=True | MergeConfig(...) selects MiniCache cross-layer KV merging.
+      - kv_merge=True | MergeConfig(...) selects MiniCache cross-layer KV merging; with merging on,
+        n_ubatch defaults to the window (at least 256, at most 512: config.merged_n_ubatch), since the
+        exact staging pool holds max(window, n_ubatch) tokens.
 
     Cache reuse with merging on: merging is irreversible (tokens that left the window are stored
     as shared directions), so a cached prefix is only as good as the history that merged it. A
@@ -105,9 +107,10 @@ class Llama(llama_cpp.Llama):
                     "to the merge's (`minicache-gguf eval --rows <type>,<type>+aligned-head-w256` measures the sum)",
                     CalibrationTypeWarning, stacklevel=2)
         # the ubatch size llama-cpp-python will use: the staging pool must hold one whole ubatch
+        kwargs.setdefault("n_ubatch", merged_n_ubatch(cfg.window))
         n_ctx = kwargs.get("n_ctx", 512)
         n_batch = min(n_ctx, kwargs.get("n_batch", 512)) if n_ctx else kwargs.get("n_batch", 512)
-        n_ubatch = min(n_batch, kwargs.get("n_ubatch", 512))
+        n_ubatch = min(n_batch, kwargs["n_ubatch"])
         _internals.set_pending(_internals.params_from_config(cfg, n_ubatch, pairs))
         try:
             super().__init__(str(model_path), **kwargs)

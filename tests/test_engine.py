@@ -5,6 +5,7 @@ import pydoc_data.topics
 import pytest
 
 from minicache_gguf import ConfigError, Llama, MergeConfig, _internals, kvstate, reference
+from minicache_gguf.config import merged_n_ubatch
 from minicache_gguf.layout import expected_layout
 from minicache_gguf.llama import llama_cpp
 
@@ -108,14 +109,14 @@ def test_flash_attention_on_and_off_agree(model_path, tokens):
         assert merged_gap <= 2 * stock_gap + 1e-3, (part, merged_gap, stock_gap)
 
 
-@pytest.mark.parametrize("n_ctx,type_k,type_v", [(2048, "f16", "f16"), (8192, "f16", "f16"), (8192, "q4_0", "q4_0"),
-                                               (4096, "q8_0", "q5_1")])
+@pytest.mark.parametrize("n_ctx,type_k,type_v", [(512, "f16", "f16"), (2048, "f16", "f16"), (8192, "f16", "f16"),
+                                               (8192, "q4_0", "q4_0"), (4096, "q8_0", "q5_1")])
 def test_memory_matches_closed_form(model_path, n_ctx, type_k, type_v):
     cfg = MergeConfig()
     types = dict(flash_attn=True, type_k=type_k, type_v=type_v)
     mc = Llama(model_path, n_ctx=n_ctx, verbose=False, kv_merge=cfg, **types)
     s = mc.kv_stats()
-    want = expected_layout(N_LAYER, N_EMBD, N_EMBD, n_ctx, cfg, n_ubatch=512, type_k=type_k, type_v=type_v)
+    want = expected_layout(N_LAYER, N_EMBD, N_EMBD, n_ctx, cfg, n_ubatch=merged_n_ubatch(cfg.window), type_k=type_k, type_v=type_v)
     assert s.kv_bytes == pytest.approx(want.kv_bytes, rel=0.01)
     assert s.kv_bytes_dense == want.kv_bytes_dense
     assert (s.merged_layer_pairs, s.staging_capacity, s.retention_capacity) == (want.n_pairs, want.staging, want.retention)
@@ -126,6 +127,20 @@ def test_memory_matches_closed_form(model_path, n_ctx, type_k, type_v):
     assert dense.start_layer == -1 and dense.kv_bytes == pytest.approx(want.kv_bytes_dense, rel=0.01)
     assert s.kv_bytes < dense.kv_bytes  # it really allocates less
     assert s.ratio == pytest.approx(dense.kv_bytes / s.kv_bytes, rel=0.01)
+
+
+@pytest.mark.parametrize("n_ctx", [512, 1024, 2048, 4096])
+def test_never_more_memory_than_stock(model_path, n_ctx):
+    """With default settings the merged cache allocates less than the stock one at every n_ctx >= 512,
+    for the paper's layout and the shipped calibration (the fewest pools); an explicit n_ubatch of
+    512 (a staging pool of 512 rows) is the user's choice and may cost more at 512."""
+    stock = Llama(model_path, n_ctx=n_ctx, verbose=False).kv_stats().kv_bytes
+    for cfg in (MergeConfig(), MergeConfig(calibration="auto")):
+        llm = Llama(model_path, n_ctx=n_ctx, verbose=False, kv_merge=cfg)
+        s = llm.kv_stats()
+        assert s.staging_capacity == min(n_ctx, 256)
+        assert s.kv_bytes < stock, (cfg.calibration, n_ctx, s.kv_bytes, stock)
+        llm.close()
 
 
 def test_high_level_api(model_path):
