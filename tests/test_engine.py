@@ -45,7 +45,8 @@ def test_equivalence_oracle(model_path, tokens, flash_attn):
     st = kvstate.parse_seq_state(kvstate.get_seq_state(llama_cpp, dense._ctx.ctx))
     assert st.n_cells == n and len(st.k) == N_LAYER and st.v_trans == (not flash_attn)
 
-    mc = Llama(model_path, n_ctx=512, flash_attn=flash_attn, logits_all=True, verbose=False, kv_merge=cfg)
+    # n_ubatch 512 (a merged context's default is the window, >= 256): the n tokens are one ubatch, as for the stock cache
+    mc = Llama(model_path, n_ctx=512, n_ubatch=512, flash_attn=flash_attn, logits_all=True, verbose=False, kv_merge=cfg)
     mc.eval(tokens[:n])
     # nothing merged yet: every row and every logit is the stock one
     for layer in range(N_LAYER):

@@ -65,7 +65,8 @@ def test_quantized_merge_oracle(model_path, tokens, shipped, qtype, aligned):
     flash = not qtype.endswith("flash-off")
     qtype = qtype.split("-")[0]
     cfg = MergeConfig(window=w, gamma=gamma, calibration=shipped if aligned else None, merge_v=flash)
-    kw = dict(flash_attn=flash, type_v=GGML_TYPES[qtype] if flash else GGML_TYPES["f16"])
+    # n_ubatch 512: the n tokens are one ubatch, nothing merges before the step checked below
+    kw = dict(flash_attn=flash, type_v=GGML_TYPES[qtype] if flash else GGML_TYPES["f16"], n_ubatch=512)
     if aligned:  # the shipped calibration was scored on f16: the wrapper says so
         with pytest.warns(CalibrationTypeWarning, match=f"scored on an f16 KV cache .* on a {qtype} cache"):
             mc = quant_llama(model_path, qtype, kv_merge=cfg, **kw)
