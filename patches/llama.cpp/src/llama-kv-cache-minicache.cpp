@@ -934,7 +934,7 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
         kq = ggml_mul(ctx, kq, ggml_view_1d(ctx, p.norm[x], n_kv, 0)); // a: 0, b: 1 for cells with a slot
 
         if (x == 0) {
-            // layer a's exact cells: x_c . q, gathered by slot (cells without a slot get the zero row's 0)
+            // layer a's exact cells: x_c . q per slot, added to the cells that own the slots (the others get 0)
             ggml_tensor * rows = ggml_view_3d(ctx, p.rows, n_embd_head_k, n_head_kv, n_rows, rh, p.rows->nb[1], 0);
             ggml_tensor * kq_x = ggml_mul_mat(ctx, ggml_permute(ctx, rows, 0, 2, 1, 3), q); // [n_rows, n_tokens, n_head]
             ggml_mul_mat_set_prec(kq_x, GGML_PREC_F32);
