@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import corpus, report
-from .config import BENCH_CTX, BENCH_MODES, MergeConfig, kv_modes
+from .config import BENCH_CTX, BENCH_MODES, QUANTIZED_TYPES, MergeConfig, kv_modes, type_name
 from .llama import Llama
 from .model import ModelInfo
 
@@ -24,6 +24,17 @@ def modes(cal_files: dict, names=None, window: int = MergeConfig.window, type_k=
     """name -> Llama options of each KV mode to bench (config.kv_modes; unknown names are a ValueError);
     type_k/type_v: the cache types of merge modes that name none."""
     return {m.name: m.llama_kwargs() for m in kv_modes(window, cal_files, names or BENCH_MODES, type_k=type_k, type_v=type_v)}
+
+
+def check_flash_attn(mode_kw: dict, flash_attn: bool) -> None:
+    """A quantized V cache needs flash attention (llama.cpp stores V transposed without it): refuse such
+    modes up front (ValueError) rather than after the others have run."""
+    if flash_attn:
+        return
+    bad = [m for m, kw in mode_kw.items() if type_name(kw.get("type_v")) in QUANTIZED_TYPES]
+    if bad:
+        raise ValueError(f"modes {', '.join(bad)} quantize V, which needs flash attention: run them with flash "
+                         "attention on, or quantize K only (a K/V type such as q8_0/f16)")
 
 
 def prefill_decode(llm, toks, n_prefill: int, n_decode: int) -> tuple[float, float]:
@@ -80,6 +91,7 @@ def run(model, *, ctxs=BENCH_CTX, mode_kw: dict, n_decode: int = 32, reps: int =
         raise ValueError(f"reps={reps!r} is not valid: expected an integer >= 1")
     if not budget_mib > 0:
         raise ValueError(f"budget_mib={budget_mib!r} is not valid: expected a positive number")
+    check_flash_attn(mode_kw, flash_attn)
     threads = threads or os.cpu_count() or 1
     vocab = Llama(model, n_ctx=64, vocab_only=True, verbose=False)
     toks = corpus.tokens_for(vocab, corpus.builtin_text("eval"), max(ctxs), "benchmark")

@@ -219,7 +219,9 @@ def _cmd_bench(args) -> int:
 
     ctxs = _ctx_list(args.ctx)
     names = args.modes.split(",") if args.modes else None
-    bench.modes({"head": None, "full": None}, names)  # validates the names before any work
+    # validates the names (and that a quantized V runs with flash attention) before any work
+    bench.check_flash_attn(bench.modes({"head": None, "full": None}, names, type_k=args.cache_type_k, type_v=args.cache_type_v),
+                           args.flash_attn == "on")
     model = _model(args)
     forms = [f for f in ("head", "full") if any(f"aligned-{f}" in n for n in names or BENCH_MODES)]
     mode_kw = bench.modes(_auto_calibrations(args, model, forms), names, type_k=args.cache_type_k, type_v=args.cache_type_v)

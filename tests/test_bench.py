@@ -39,3 +39,11 @@ def test_largest_context_is_the_largest(model_path):
     budget = 20 << 20
     n = bench.largest_context(model_path, kw, budget)
     assert bench.kv_bytes(model_path, kw, n) <= budget < bench.kv_bytes(model_path, kw, n + 256)
+
+
+def test_bench_refuses_quantized_v_without_flash_attention(capsys):
+    """Before any work: q8_0 (K and V) needs flash attention; K-only quantization does not."""
+    rc = cli.main(["bench", "--ctx", "256", "--modes", "f16,q8_0", "--flash-attn", "off", "--no-progress"])
+    assert rc != 0
+    assert "q8_0 quantize V, which needs flash attention" in capsys.readouterr().err
+    bench.check_flash_attn(bench.modes({}, ["f16", "q8_0/f16"]), False)  # K only: accepted
