@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -81,6 +81,11 @@ class KvStats:
     rotation_bytes: int = 0    #: bytes of the rotations (part of kv_bytes)
     hadamard_k: int = 0        #: merged caches: llama.cpp's Hadamard block on quantized K rows (0: none)
     hadamard_v: int = 0        #: the same for V
+    #: counters (not part of the comparison of two stats): rows copied between the host and the merged
+    #: pools so far (state save/load, get_rows; never the merge step), graphs the merge step computed on
+    #: the pools' backend so far
+    host_rows: int = field(default=0, compare=False)
+    merge_graphs: int = field(default=0, compare=False)
 
     @property
     def staging_fill(self) -> float:
@@ -159,6 +164,7 @@ def get_stats(ctx_ptr: int) -> KvStats | None:
         staging_capacity=st.n_stage, retention_capacity=st.n_retain_max, exact_slots_per_layer=st.n_slots,
         exact_rows_per_layer=st.n_rows, merged_pools=st.n_pools, aligned_pools=st.n_rot,
         rotation_bytes=st.rot_bytes, hadamard_k=st.attn_rot_k, hadamard_v=st.attn_rot_v,
+        host_rows=st.host_rows, merge_graphs=st.merge_graphs,
     )
 
 

@@ -78,6 +78,8 @@ struct llama_minicache_stats {
     int64_t n_retained;
     int32_t n_rot;
     int64_t rot_bytes;
+    int64_t host_rows;
+    int64_t merge_graphs;
 };
 
 struct llama_minicache_params llama_minicache_default_params(void);

@@ -39,7 +39,7 @@ def main(model, seed, n):
 
     def crafted():
         st = mcstate.parse(blob, ROW)
-        how = rng.choice(["all_merged_slot", "all_staged", "merged_no_norms", "flip_states", "counts"])
+        how = rng.choice(["all_merged_slot", "all_staged", "merged_no_norms", "flip_states", "counts", "slots"])
         for c in st.cells:
             if how == "all_merged_slot" or (how == "flip_states" and rng.random() < 0.3):
                 if c.state != mcstate.MERGED:
@@ -57,6 +57,11 @@ def main(model, seed, n):
                 pc = rng.choice(c.pools)
                 pc.dist = rng.choice([float("nan"), -1.0, 2.0, float("inf")])
                 pc.norms = (rng.choice([float("nan"), float("inf"), -1.0, 0.0]), 1.0)
+        if how == "slots":
+            # a slot out of range, or one slot for two cells
+            held = [pc for c in st.cells for pc in c.pools if pc.rows]
+            pc = rng.choice(held)
+            pc.slot = rng.choice([-2, 2**31 - 1, 10**6, rng.choice(held).slot])
         if how == "counts":
             i = rng.randrange(len(st.layout))
             st.layout[i] = rng.choice([0, -1, 1, 2**31 - 1, st.layout[i] + 1, st.layout[i] - 1])

@@ -1,18 +1,18 @@
-"""Read and write the MiniCache section of a merged cache's per-sequence KV state (format v5), so
+"""Read and write the MiniCache section of a merged cache's per-sequence KV state (format v6), so
 that tests can forge states a user (or an attacker) could hand to load_state.
 
 Layout (llama_kv_minicache::state_write, patches/llama.cpp/src/llama-kv-cache-minicache.cpp):
   u32 magic "MCKV"; u32 version; u32 n_layout; n_layout x i32 layout; f32 t; f32 gamma; u32 n_cells;
   per cell: u8 state (1 staged, 2 merged); u64 staging order;
-    per pool: merged: f32 dist, f32 norm0, f32 norm1; u8 has_slot; has_slot: row x0, row x1 (layer b's
-    row, kept in dir while the cell has a slot); else: row dir (the direction)
+    per pool: merged: f32 dist, f32 norm0, f32 norm1; i32 slot (-1: none); a slot: row x0, row x1
+    (layer b's row, kept in dir while the cell has a slot); else: row dir (the direction)
 """
 
 import struct
 from dataclasses import dataclass, field
 
 MAGIC = 0x564B434D
-VERSION = 5
+VERSION = 6
 STAGED, MERGED = 1, 2
 
 
@@ -22,6 +22,7 @@ class PoolCell:
     norms: tuple = (0.0, 0.0)
     dir: bytes = b""  # the direction (a merged cell without a slot)
     rows: tuple = ()  # (x0, x1) when the cell has an exact slot
+    slot: int = -1    # that slot (serialize() gives rows without one the lowest unused slots)
 
 
 @dataclass
@@ -68,8 +69,8 @@ def parse(blob: bytes, row: int) -> McState:
             if st == MERGED:
                 pc.dist, n0, n1 = take("<fff")
                 pc.norms = (n0, n1)
-            (has_slot,) = take("<B")
-            if has_slot:
+            (pc.slot,) = take("<i")
+            if pc.slot >= 0:
                 pc.rows = (blob[o:o + row], blob[o + row:o + 2 * row])
                 o += 2 * row
             else:
@@ -81,14 +82,25 @@ def parse(blob: bytes, row: int) -> McState:
     return McState(blob[:off], layout, t, gamma, cells)
 
 
+def _unused(used: set):
+    return (s for s in range(2**31) if s not in used)
+
+
 def serialize(st: McState, row: int) -> bytes:
     out = [st.prefix, struct.pack("<III", MAGIC, VERSION, len(st.layout)), struct.pack(f"<{len(st.layout)}i", *st.layout),
            struct.pack("<ffI", st.t, st.gamma, len(st.cells))]
+    used = [{c.pools[i].slot for c in st.cells if c.pools[i].rows} for i in range(st.n_pools)]
+    free = [_unused(u) for u in used]  # the lowest unused first
     for c in st.cells:
         out.append(struct.pack("<BQ", c.state, c.seq))
-        for pc in c.pools:
+        for i, pc in enumerate(c.pools):
             if c.state == MERGED:
                 out.append(struct.pack("<fff", pc.dist, *pc.norms))
-            out.append(struct.pack("<B", 1 if pc.rows else 0))
+            slot = -1
+            if pc.rows:
+                slot = pc.slot
+                if slot < 0:
+                    slot = next(free[i])
+            out.append(struct.pack("<i", slot))
             out.extend(pc.rows if pc.rows else [pc.dir if pc.dir else bytes(row)])
     return b"".join(out)

@@ -84,6 +84,9 @@ extern "C" {
         int64_t n_retained;       // retained cells, summed over the pools
         int32_t n_rot;            // pools with an alignment rotation
         int64_t rot_bytes;        // bytes of the rotations (included in kv_bytes)
+        int64_t host_rows;        // rows copied between the host and the merged pools so far (state save/load and
+                                  // llama_minicache_get_rows only: the merge step runs on the pools' backend)
+        int64_t merge_graphs;     // graphs the merge step computed on that backend so far
     };
 
     LLAMA_API struct llama_minicache_params llama_minicache_default_params(void);

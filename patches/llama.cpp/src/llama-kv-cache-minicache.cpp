@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <thread>
 
 //
 // the params armed for the next context on this thread
@@ -416,6 +417,7 @@ llama_kv_minicache::llama_kv_minicache(
         p.dist.assign(kv_size, 0.0f);
         p.norm_host[0].assign(kv_size, 0.0f);
         p.norm_host[1].assign(kv_size, 0.0f);
+        p.norm_pending.assign(kv_size, 0);
         for (uint32_t s = 0; s < n_slots; ++s) {
             p.free_slots.push((int32_t) s);
         }
@@ -437,6 +439,13 @@ llama_kv_minicache::llama_kv_minicache(
     staged.assign(kv_size, 0);
     merged.assign(kv_size, 0);
     stage_seq.assign(kv_size, 0);
+}
+
+llama_kv_minicache::~llama_kv_minicache() {
+    for (auto & be : backends) {
+        ggml_gallocr_free(be.galloc);
+        ggml_backend_free(be.backend);
+    }
 }
 
 bool llama_kv_minicache::is_merged(int32_t il, int kind) const {
@@ -1038,47 +1047,33 @@ void llama_kv_minicache::free_slot(pool & p, int32_t s) {
     }
 
     // a free slot holds a zero row: the attention gathers weights for every slot
-    const size_t row = ggml_row_size(type_of(p.kind), p.n_embd);
-    const std::vector<uint8_t> zero(row, 0);
-    write_vec(p, p.rows, s, zero.data());
+    p.pend_zero_slots.push_back(s);
+}
+
+float llama_kv_minicache::norm_value(const pool & p, uint32_t c, int x) const {
+    if (p.slot_of_cell[c] >= 0) {
+        return x == 0 ? 0.0f : 1.0f;
+    }
+    return merged[c] ? p.norm_host[x][c] : 0.0f;
 }
 
 void llama_kv_minicache::sync_norm(pool & p, uint32_t c) const {
-    const bool slot = p.slot_of_cell[c] >= 0;
-    for (int x = 0; x < 2; ++x) {
-        float v = 0.0f;
-        if (slot) {
-            v = x == 0 ? 0.0f : 1.0f;
-        } else if (merged[c]) {
-            v = p.norm_host[x][c];
-        }
-        ggml_backend_tensor_set(p.norm[x], &v, c*p.norm[x]->nb[1], sizeof(float));
+    if (!p.norm_pending[c]) {
+        p.norm_pending[c] = 1;
+        p.pend_norm.push_back(c);
     }
 }
 
-void llama_kv_minicache::demote(pool & p, uint32_t c, const uint8_t * dir_row) {
+void llama_kv_minicache::demote(pool & p, uint32_t c) {
     const int32_t s = p.slot_of_cell[c];
     GGML_ASSERT(s >= 0 && merged[c]);
-
-    std::vector<uint8_t> buf;
-    if (dir_row == nullptr) {
-        const ggml_type type = type_of(p.kind);
-        const size_t row = ggml_row_size(type, p.n_embd);
-        std::vector<uint8_t> x0(row), x1(row);
-        buf.resize(row);
-        read_vec(p, p.rows, s, x0.data());
-        read_vec(p, p.dir,  c, x1.data());
-        float n0, n1, d;
-        mc_merge(type, x0.data(), x1.data(), 1, p.n_embd, params.t, p.rot != LLAMA_MINICACHE_ROT_NONE ? p.r_full.data() : nullptr,
-                buf.data(), &n0, &n1, &d);
-        dir_row = buf.data();
-    }
-    write_vec(p, p.dir, c, dir_row);
+    p.pend_demote.emplace_back(c, s);
     free_slot(p, s);
 }
 
 void llama_kv_minicache::write_vec(const pool & p, ggml_tensor * t, uint32_t idx, const uint8_t * row) const {
     const size_t es = ggml_type_size(type_of(p.kind));
+    n_host_rows++;
     if (!dir_trans(p)) {
         ggml_backend_tensor_set(t, row, idx*t->nb[1], ggml_row_size(t->type, p.n_embd));
     } else if (ggml_backend_buffer_is_host(t->buffer)) {
@@ -1095,6 +1090,7 @@ void llama_kv_minicache::write_vec(const pool & p, ggml_tensor * t, uint32_t idx
 
 void llama_kv_minicache::read_vec(const pool & p, ggml_tensor * t, uint32_t idx, uint8_t * row) const {
     const size_t es = ggml_type_size(type_of(p.kind));
+    n_host_rows++;
     if (!dir_trans(p)) {
         ggml_backend_tensor_get(t, row, idx*t->nb[1], ggml_row_size(t->type, p.n_embd));
     } else if (ggml_backend_buffer_is_host(t->buffer)) {
@@ -1123,23 +1119,21 @@ void llama_kv_minicache::release_cell(uint32_t c) {
         n_merged_cur--;
     }
     // nothing of the cell survives: a released cell reads as zero (not as old, maybe non-finite, data)
-    std::vector<uint8_t> zero;
     for (auto & p : pools) {
         p.dist[c]         = 0.0f;
         p.norm_host[0][c] = 0.0f;
         p.norm_host[1][c] = 0.0f;
         const int32_t s = p.slot_of_cell[c];
         if (s >= 0) {
-            free_slot(p, s); // writes the cell's (now 0) norms
+            free_slot(p, s); // the cell's (now 0) norms are written
         } else {
             sync_norm(p, c);
         }
-        zero.assign(ggml_row_size(type_of(p.kind), p.n_embd), 0);
-        write_vec(p, p.dir, c, zero.data());
+        p.pend_zero_cells.push_back(c);
     }
 }
 
-void llama_kv_minicache::forget_freed(const llama_kv_cells & cells) {
+void llama_kv_minicache::release_freed(const llama_kv_cells & cells) {
     for (uint32_t c = 0; c < kv_size; ++c) {
         if (cells.is_empty(c)) {
             release_cell(c);
@@ -1147,9 +1141,14 @@ void llama_kv_minicache::forget_freed(const llama_kv_cells & cells) {
     }
 }
 
+void llama_kv_minicache::forget_freed(const llama_kv_cells & cells) {
+    release_freed(cells);
+    flush();
+}
+
 void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector<uint32_t> & new_cells) {
     // cells freed since the last ubatch (seq_rm, clear, ...) give their slots back
-    forget_freed(cells);
+    release_freed(cells);
 
     for (uint32_t c : new_cells) {
         release_cell(c); // overwritten
@@ -1193,43 +1192,77 @@ void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector
             take_slot(p, c);
         }
     }
+
+    // demoted directions, zeroed rows and norms reach the cache before the ubatch's graph reads it
+    flush();
 }
 
 void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merge) {
     const int64_t n = (int64_t) cells_to_merge.size();
 
-    // per pool, the directions of the merged cells: written to dir by retain() for the cells that
-    // give their slot up (dir holds layer b's exact row until then)
-    std::vector<std::vector<uint8_t>> dirs(pools.size());
+    // norms and distances of the cells leaving the window, computed where the pools live: one graph per
+    // backend, one [3n] block of scalars per pool comes back
+    std::vector<std::vector<float>> stats(pools.size());
+    if (pools[0].dir->buffer) {
+        init_backends();
+    }
+    for (size_t ib = 0; ib < backends.size(); ++ib) {
+        std::vector<size_t> mine;
+        for (size_t ip = 0; ip < pools.size(); ++ip) {
+            if (backend_of(pools[ip].dir) == ib) {
+                mine.push_back(ip);
+            }
+        }
+        if (mine.empty()) {
+            continue;
+        }
+        ggml_init_params ip0 = { ggml_tensor_overhead()*(256*mine.size() + 16) + ggml_graph_overhead_custom(256*mine.size(), false), nullptr, true };
+        ggml_context * ctx = ggml_init(ip0);
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx, 256*mine.size(), false);
+        std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> inputs;
+        ggml_tensor * out = nullptr;
+        for (size_t ip : mine) {
+            const auto & p = pools[ip];
+            std::vector<int32_t> slots(n), cells(n);
+            for (int64_t i = 0; i < n; ++i) {
+                const uint32_t c = cells_to_merge[i];
+                if (p.slot_of_cell[c] < 0) {
+                    ggml_free(ctx);
+                    throw std::runtime_error(format("cell %u is staged without an exact slot", c));
+                }
+                slots[i] = p.slot_of_cell[c];
+                cells[i] = (int32_t) c;
+            }
+            ggml_tensor * x0 = gather(ctx, p, p.rows, slots, inputs);
+            ggml_tensor * x1 = gather(ctx, p, p.dir,  cells, inputs);
+            ggml_tensor * st = build_merge(ctx, p, x0, x1, nullptr);
+            out = out ? ggml_concat(ctx, out, st, 0) : st;
+        }
+        ggml_set_output(out);
+        ggml_build_forward_expand(gf, out);
+        try {
+            compute(ib, gf, inputs);
+        } catch (...) {
+            ggml_free(ctx);
+            throw;
+        }
+        std::vector<float> buf(ggml_nelements(out));
+        ggml_backend_tensor_get(out, buf.data(), 0, ggml_nbytes(out));
+        ggml_free(ctx);
+        for (size_t k = 0; k < mine.size(); ++k) {
+            stats[mine[k]].assign(buf.begin() + 3*n*k, buf.begin() + 3*n*(k + 1));
+        }
+    }
 
     for (size_t ip = 0; ip < pools.size(); ++ip) {
         auto & p = pools[ip];
-        const ggml_type type = type_of(p.kind);
-        const size_t row = ggml_row_size(type, p.n_embd);
-
-        std::vector<uint8_t> x0(n*row), x1(n*row);
-        std::vector<float>   n0(n), n1(n), dist(n);
-        dirs[ip].resize(n*row);
-
-        for (int64_t i = 0; i < n; ++i) {
-            const uint32_t c = cells_to_merge[i];
-            const int32_t  s = p.slot_of_cell[c];
-            if (s < 0) {
-                throw std::runtime_error(format("cell %u is staged without an exact slot", c));
-            }
-            read_vec(p, p.rows, s, x0.data() + i*row);
-            read_vec(p, p.dir,  c, x1.data() + i*row);
-        }
-
-        mc_merge(type, x0.data(), x1.data(), n, p.n_embd, params.t, p.rot != LLAMA_MINICACHE_ROT_NONE ? p.r_full.data() : nullptr,
-                dirs[ip].data(), n0.data(), n1.data(), dist.data());
-
+        const std::vector<float> & st = stats[ip];
         for (int64_t i = 0; i < n; ++i) {
             const uint32_t c = cells_to_merge[i];
             // the norm tensors keep 0 / 1 while the cell keeps its slot (see sync_norm)
-            p.norm_host[0][c] = n0[i];
-            p.norm_host[1][c] = n1[i];
-            p.dist[c] = dist[i];
+            p.norm_host[0][c] = st.empty() ? 0.0f : st[i];
+            p.norm_host[1][c] = st.empty() ? 0.0f : st[n + i];
+            p.dist[c]         = st.empty() ? 0.0f : st[2*n + i];
         }
     }
 
@@ -1240,17 +1273,12 @@ void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merg
     n_staged_cur -= (uint32_t) n;
     n_merged_cur += (uint32_t) n;
 
-    for (size_t ip = 0; ip < pools.size(); ++ip) {
-        const size_t row = ggml_row_size(type_of(pools[ip].kind), pools[ip].n_embd);
-        std::unordered_map<uint32_t, const uint8_t *> new_dirs;
-        for (int64_t i = 0; i < n; ++i) {
-            new_dirs[cells_to_merge[i]] = dirs[ip].data() + i*row;
-        }
-        retain(pools[ip], new_dirs);
+    for (auto & p : pools) {
+        retain(p);
     }
 }
 
-void llama_kv_minicache::retain(pool & p, const std::unordered_map<uint32_t, const uint8_t *> & new_dirs) {
+void llama_kv_minicache::retain(pool & p) {
     // candidates: every merged cell that owns a slot, i.e. the retained ones and the newly merged
     // ones (marked merged already, still in their staging slot)
     std::vector<uint32_t> cand;
@@ -1288,8 +1316,317 @@ void llama_kv_minicache::retain(pool & p, const std::unordered_map<uint32_t, con
 
     // the rest give their slot up (they fall back to dir * norm)
     for (size_t i = k; i < cand.size(); ++i) {
-        const auto it = new_dirs.find(cand[i]);
-        demote(p, cand[i], it != new_dirs.end() ? it->second : nullptr);
+        demote(p, cand[i]);
+    }
+}
+
+//
+// the merge step on the device: small graphs of ggml ops on the backend holding the pool tensors, so
+// that CPU, CUDA, RPC, ... buffers are merged in place (only indices and per-cell scalars cross)
+//
+
+size_t llama_kv_minicache::backend_of(const ggml_tensor * t) {
+    ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(t->buffer);
+    for (size_t i = 0; i < backends.size(); ++i) {
+        if (backends[i].buft == buft) {
+            return i;
+        }
+    }
+    merge_backend be;
+    be.buft = buft;
+    if (ggml_backend_buffer_is_host(t->buffer)) {
+        // host memory (CPU or pinned buffers): the CPU backend reads it in place
+        be.backend = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr);
+    } else if (ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft)) {
+        be.backend = ggml_backend_dev_init(dev, nullptr);
+    }
+    if (!be.backend) {
+        throw std::runtime_error(format("no backend can run the merge step on the cache's %s buffer", ggml_backend_buft_name(buft)));
+    }
+    ggml_backend_dev_t dev = ggml_backend_get_device(be.backend);
+    ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
+    auto * set_n_threads = reg ? (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : nullptr;
+    if (set_n_threads) {
+        set_n_threads(be.backend, (int) std::max(1u, std::min(4u, std::thread::hardware_concurrency())));
+    }
+    be.galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(be.backend));
+    backends.push_back(be);
+    return backends.size() - 1;
+}
+
+void llama_kv_minicache::init_backends() {
+    for (const auto & p : pools) {
+        for (const ggml_tensor * t : { p.dir, p.rows, p.norm[0], p.norm[1] }) {
+            backend_of(t);
+        }
+    }
+}
+
+void llama_kv_minicache::compute(size_t ib, ggml_cgraph * gf, const std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) {
+    merge_backend & be = backends[ib];
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        const ggml_tensor * node = ggml_graph_node(gf, i);
+        if (!ggml_backend_supports_op(be.backend, node)) {
+            throw std::runtime_error(format("the %s backend cannot run %s of %s rows (the merge step of %s)", ggml_backend_name(be.backend),
+                    ggml_op_desc(node), ggml_type_name(node->src[0] ? node->src[0]->type : node->type), node->name));
+        }
+    }
+    if (!ggml_gallocr_alloc_graph(be.galloc, gf)) {
+        throw std::runtime_error(format("the merge step could not allocate its %s buffer", ggml_backend_name(be.backend)));
+    }
+    for (const auto & in : inputs) {
+        ggml_backend_tensor_set(in.first, in.second.data(), 0, in.second.size());
+    }
+    if (ggml_backend_graph_compute(be.backend, gf) != GGML_STATUS_SUCCESS) {
+        throw std::runtime_error(format("the merge step failed on the %s backend", ggml_backend_name(be.backend)));
+    }
+    n_graphs++;
+}
+
+template <typename T>
+static ggml_tensor * mc_input(ggml_context * ctx, ggml_type type, const std::vector<T> & v,
+        std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) {
+    ggml_tensor * t = ggml_new_tensor_1d(ctx, type, (int64_t) v.size());
+    ggml_set_input(t);
+    const uint8_t * b = (const uint8_t *) v.data();
+    inputs.emplace_back(t, std::vector<uint8_t>(b, b + sizeof(T)*v.size()));
+    return t;
+}
+
+ggml_tensor * llama_kv_minicache::gather(ggml_context * ctx, const pool & p, ggml_tensor * t, const std::vector<int32_t> & idx,
+        std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) const {
+    const int64_t n = (int64_t) idx.size();
+    const int64_t d = p.n_embd;
+    if (!dir_trans(p)) {
+        return ggml_get_rows(ctx, t, mc_input(ctx, GGML_TYPE_I32, idx, inputs)); // F32 [d, n]
+    }
+    // stored transposed ([rows, d]): each element is a one-value row of t viewed as [1, rows*d]
+    std::vector<int32_t> el(n*d);
+    for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = 0; j < d; ++j) {
+            el[i*d + j] = (int32_t) (j*t->ne[0] + idx[i]);
+        }
+    }
+    ggml_tensor * r = ggml_get_rows(ctx, ggml_reshape_2d(ctx, t, 1, t->ne[0]*t->ne[1]), mc_input(ctx, GGML_TYPE_I32, el, inputs));
+    return ggml_reshape_2d(ctx, r, d, n);
+}
+
+ggml_tensor * llama_kv_minicache::scatter(ggml_context * ctx, ggml_tensor * t, ggml_tensor * src, const std::vector<int32_t> & idx, bool trans,
+        std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) const {
+    const int64_t n = (int64_t) idx.size();
+    const int64_t d = src->ne[0];
+    if (!trans) {
+        const std::vector<int64_t> rows(idx.begin(), idx.end());
+        return ggml_set_rows(ctx, t, src, mc_input(ctx, GGML_TYPE_I64, rows, inputs));
+    }
+    // stored transposed: one-value rows, as gather()
+    std::vector<int64_t> el(n*d);
+    for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = 0; j < d; ++j) {
+            el[i*d + j] = j*t->ne[0] + idx[i];
+        }
+    }
+    return ggml_set_rows(ctx, ggml_reshape_2d(ctx, t, 1, t->ne[0]*t->ne[1]), ggml_reshape_2d(ctx, src, 1, n*d),
+            mc_input(ctx, GGML_TYPE_I64, el, inputs));
+}
+
+ggml_tensor * llama_kv_minicache::rotate(ggml_context * ctx, const pool & p, ggml_tensor * x) const {
+    // out[j] = sum_i x[i] R[i][j]: src0 element (i, j) = R[i][j], the K layout (R^T row-major); V stores R
+    const int64_t n  = x->ne[1];
+    const int64_t dh = p.n_embd_head;
+    const int64_t nh = p.n_head_kv;
+    if (p.rot == LLAMA_MINICACHE_ROT_FULL) {
+        ggml_tensor * a = p.kind == KIND_K ? p.rot_t : ggml_cont(ctx, ggml_transpose(ctx, p.rot_t));
+        return ggml_mul_mat(ctx, a, x);
+    }
+    ggml_tensor * a = p.kind == KIND_K ? p.rot_t : ggml_cont(ctx, ggml_permute(ctx, p.rot_t, 1, 0, 2, 3));
+    ggml_tensor * b = ggml_permute(ctx, ggml_reshape_3d(ctx, x, dh, nh, n), 0, 2, 1, 3); // [dh, n, nh]
+    ggml_tensor * res = ggml_mul_mat(ctx, a, b);                                          // [dh, n, nh]
+    return ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, res, 0, 2, 1, 3)), dh*nh, n);
+}
+
+// 1 - a
+static ggml_tensor * mc_one_minus(ggml_context * ctx, ggml_tensor * a) {
+    return ggml_scale_bias(ctx, a, -1.0f, 1.0f);
+}
+
+// norms of the rows of x [d, n]: [1, n]
+static ggml_tensor * mc_norm(ggml_context * ctx, ggml_tensor * x) {
+    return ggml_sqrt(ctx, ggml_sum_rows(ctx, ggml_sqr(ctx, x)));
+}
+
+// x / nrm, 0 where nrm is 0
+static ggml_tensor * mc_unit(ggml_context * ctx, ggml_tensor * x, ggml_tensor * nrm) {
+    return ggml_div(ctx, x, ggml_add(ctx, nrm, mc_one_minus(ctx, ggml_step(ctx, nrm))));
+}
+
+// acos(x) for x in [0, 1]: sqrt(1 - x) P(x), |error| <= 2e-8 (Abramowitz & Stegun 4.4.46; ggml has no acos)
+static ggml_tensor * mc_acos01(ggml_context * ctx, ggml_tensor * x) {
+    static const float a[8] = { 1.5707963050f, -0.2145988016f, 0.0889789874f, -0.0501743046f,
+                                0.0308918810f, -0.0170881256f, 0.0066700901f, -0.0012624911f };
+    ggml_tensor * p = ggml_scale_bias(ctx, x, a[7], a[6]);
+    for (int k = 5; k >= 0; --k) {
+        p = ggml_scale_bias(ctx, ggml_mul(ctx, p, x), 1.0f, a[k]);
+    }
+    return ggml_mul(ctx, ggml_sqrt(ctx, ggml_clamp(ctx, mc_one_minus(ctx, x), 0.0f, 1.0f)), p);
+}
+
+ggml_tensor * llama_kv_minicache::build_merge(ggml_context * ctx, const pool & p, ggml_tensor * x0, ggml_tensor * x1, ggml_tensor ** dir) const {
+    // the native core's merge (minicache_merge) in f32 ops: norms of the unrotated rows, units (an
+    // aligned pool's layer a rotated and normalized by its own norm), the angle, SLERP
+    const float t   = params.t;
+    const float eps = 1e-6f; // MINICACHE_ANGLE_EPS
+
+    ggml_tensor * n0 = mc_norm(ctx, x0);
+    ggml_tensor * n1 = mc_norm(ctx, x1);
+    ggml_tensor * u0 = nullptr;
+    if (p.rot != LLAMA_MINICACHE_ROT_NONE) {
+        ggml_tensor * r = rotate(ctx, p, x0);
+        u0 = mc_unit(ctx, r, mc_norm(ctx, r));
+    } else {
+        u0 = mc_unit(ctx, x0, n0);
+    }
+    ggml_tensor * u1 = mc_unit(ctx, x1, n1);
+
+    ggml_tensor * nz0  = ggml_step(ctx, n0); // 1: layer a's row is not zero
+    ggml_tensor * nz1  = ggml_step(ctx, n1);
+    ggml_tensor * both = ggml_mul(ctx, nz0, nz1);
+
+    // half angle h = atan2(|u0 - u1|, |u0 + u1|), from the smaller of its sine and cosine (accurate near 0
+    // and near pi/2, as the core's atan2)
+    ggml_tensor * dm  = ggml_sum_rows(ctx, ggml_sqr(ctx, ggml_sub(ctx, u0, u1)));
+    ggml_tensor * dp  = ggml_sum_rows(ctx, ggml_sqr(ctx, ggml_add(ctx, u0, u1)));
+    ggml_tensor * tot = ggml_add(ctx, dm, dp);
+    tot = ggml_add(ctx, tot, mc_one_minus(ctx, ggml_step(ctx, tot))); // both rows zero: no 0/0
+    ggml_tensor * s = ggml_clamp(ctx, ggml_sqrt(ctx, ggml_div(ctx, dm, tot)), 0.0f, 1.0f);
+    ggml_tensor * c = ggml_clamp(ctx, ggml_sqrt(ctx, ggml_div(ctx, dp, tot)), 0.0f, 1.0f);
+    ggml_tensor * m = ggml_step(ctx, ggml_sub(ctx, c, s)); // 1: h < pi/4, asin(s) = pi/2 - acos(s)
+    ggml_tensor * h = ggml_add(ctx,
+            ggml_mul(ctx, m,                   ggml_scale_bias(ctx, mc_acos01(ctx, s), -1.0f, (float) M_PI_2)),
+            ggml_mul(ctx, mc_one_minus(ctx, m), mc_acos01(ctx, c)));
+    ggml_tensor * omega = ggml_scale(ctx, h, 2.0f);
+    ggml_tensor * dist  = ggml_mul(ctx, ggml_scale(ctx, omega, (float) (1.0/M_PI)), both); // a zero row: 0
+
+    if (dir) {
+        // below eps, or within eps of pi, the blend is linear (the core turns antipodal rows towards a
+        // fixed perpendicular instead: rows exactly opposite up to 1e-6 rad)
+        ggml_tensor * lin = ggml_add(ctx,
+                ggml_step(ctx, ggml_scale_bias(ctx, omega, -1.0f, eps)),
+                ggml_step(ctx, ggml_scale_bias(ctx, omega,  1.0f, eps - (float) M_PI)));
+        ggml_tensor * so = ggml_add(ctx, ggml_sin(ctx, omega), lin); // no division by 0 where linear
+        ggml_tensor * nl = mc_one_minus(ctx, lin);
+        ggml_tensor * w0 = ggml_div(ctx, ggml_sin(ctx, ggml_scale(ctx, omega, 1.0f - t)), so);
+        ggml_tensor * w1 = ggml_div(ctx, ggml_sin(ctx, ggml_scale(ctx, omega, t)), so);
+        w0 = ggml_add(ctx, ggml_mul(ctx, w0, nl), ggml_scale(ctx, lin, 1.0f - t));
+        w1 = ggml_add(ctx, ggml_mul(ctx, w1, nl), ggml_scale(ctx, lin, t));
+        // a zero row: the other row's direction
+        w0 = ggml_add(ctx, ggml_mul(ctx, w0, both), ggml_mul(ctx, nz0, mc_one_minus(ctx, nz1)));
+        w1 = ggml_add(ctx, ggml_mul(ctx, w1, both), mc_one_minus(ctx, nz0));
+        *dir = ggml_add(ctx, ggml_mul(ctx, u0, w0), ggml_mul(ctx, u1, w1));
+    }
+
+    ggml_tensor * st = ggml_concat(ctx, ggml_reshape_1d(ctx, n0, n0->ne[1]), ggml_reshape_1d(ctx, n1, n1->ne[1]), 0);
+    return ggml_concat(ctx, st, ggml_reshape_1d(ctx, dist, dist->ne[1]), 0);
+}
+
+void llama_kv_minicache::flush() {
+    bool any = false;
+    for (const auto & p : pools) {
+        any = any || !p.pend_demote.empty() || !p.pend_zero_slots.empty() || !p.pend_zero_cells.empty() || !p.pend_norm.empty();
+    }
+    if (!any) {
+        return;
+    }
+    if (!pools[0].dir->buffer) {
+        // no buffers (a model loaded without allocating): nothing to write
+        for (auto & p : pools) {
+            p.pend_demote.clear();
+            p.pend_zero_slots.clear();
+            p.pend_zero_cells.clear();
+            for (uint32_t c : p.pend_norm) {
+                p.norm_pending[c] = 0;
+            }
+            p.pend_norm.clear();
+        }
+        return;
+    }
+
+    init_backends();
+
+    // two rounds: the demoted cells' directions (reading their exact rows), then what frees, zeroes and
+    // scales (the rows read in the first round are zeroed in the second)
+    for (int round = 0; round < 2; ++round) {
+        for (size_t ib = 0; ib < backends.size(); ++ib) {
+            const size_t n_graph = 64 + 256*pools.size();
+            ggml_init_params ip0 = { ggml_tensor_overhead()*n_graph + ggml_graph_overhead_custom(n_graph, false), nullptr, true };
+            ggml_context * ctx = ggml_init(ip0);
+            ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_graph, false);
+            std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> inputs;
+
+            for (auto & p : pools) {
+                if (round == 0) {
+                    if (p.pend_demote.empty() || backend_of(p.dir) != ib) {
+                        continue;
+                    }
+                    std::vector<int32_t> cells, slots;
+                    for (const auto & cs : p.pend_demote) {
+                        cells.push_back((int32_t) cs.first);
+                        slots.push_back(cs.second);
+                    }
+                    ggml_tensor * x0 = gather(ctx, p, p.rows, slots, inputs);
+                    ggml_tensor * x1 = gather(ctx, p, p.dir,  cells, inputs);
+                    ggml_tensor * d  = nullptr;
+                    build_merge(ctx, p, x0, x1, &d);
+                    ggml_build_forward_expand(gf, scatter(ctx, p.dir, d, cells, dir_trans(p), inputs));
+                    continue;
+                }
+                const auto zero_rows = [&](ggml_tensor * t, std::vector<int32_t> idx) {
+                    std::sort(idx.begin(), idx.end());
+                    idx.erase(std::unique(idx.begin(), idx.end()), idx.end());
+                    ggml_tensor * z = ggml_fill(ctx, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, p.n_embd, (int64_t) idx.size()), 0.0f);
+                    ggml_build_forward_expand(gf, scatter(ctx, t, z, idx, dir_trans(p), inputs));
+                };
+                if (!p.pend_zero_slots.empty() && backend_of(p.rows) == ib) {
+                    zero_rows(p.rows, p.pend_zero_slots);
+                }
+                if (!p.pend_zero_cells.empty() && backend_of(p.dir) == ib) {
+                    zero_rows(p.dir, std::vector<int32_t>(p.pend_zero_cells.begin(), p.pend_zero_cells.end()));
+                }
+                for (int x = 0; x < 2; ++x) {
+                    if (p.pend_norm.empty() || backend_of(p.norm[x]) != ib) {
+                        continue;
+                    }
+                    std::vector<float> v;
+                    std::vector<int32_t> idx;
+                    for (uint32_t c : p.pend_norm) {
+                        v.push_back(norm_value(p, c, x));
+                        idx.push_back((int32_t) c);
+                    }
+                    ggml_tensor * src = ggml_reshape_2d(ctx, mc_input(ctx, GGML_TYPE_F32, v, inputs), 1, (int64_t) v.size());
+                    ggml_build_forward_expand(gf, scatter(ctx, p.norm[x], src, idx, false, inputs));
+                }
+            }
+
+            if (ggml_graph_n_nodes(gf) > 0) {
+                try {
+                    compute(ib, gf, inputs);
+                } catch (...) {
+                    ggml_free(ctx);
+                    throw;
+                }
+            }
+            ggml_free(ctx);
+        }
+    }
+
+    for (auto & p : pools) {
+        p.pend_demote.clear();
+        p.pend_zero_slots.clear();
+        p.pend_zero_cells.clear();
+        for (uint32_t c : p.pend_norm) {
+            p.norm_pending[c] = 0;
+        }
+        p.pend_norm.clear();
     }
 }
 
@@ -1310,6 +1647,11 @@ void llama_kv_minicache::clear() {
         for (uint32_t s = 0; s < n_slots; ++s) {
             p.free_slots.push((int32_t) s);
         }
+        p.pend_demote.clear();
+        p.pend_zero_slots.clear();
+        p.pend_zero_cells.clear();
+        p.pend_norm.clear();
+        std::fill(p.norm_pending.begin(), p.norm_pending.end(), 0);
     }
     std::fill(staged.begin(), staged.end(), 0);
     std::fill(merged.begin(), merged.end(), 0);
@@ -1327,7 +1669,7 @@ void llama_kv_minicache::clear() {
 //
 
 static constexpr uint32_t MC_STATE_MAGIC   = 0x564B434D; // "MCKV"
-static constexpr uint32_t MC_STATE_VERSION = 5;
+static constexpr uint32_t MC_STATE_VERSION = 6;
 
 // what a state depends on: retention, window, the slot capacities (from n_ctx and n_ubatch), the
 // cache types and llama.cpp's Hadamard blocks (the basis of the stored rows), the pools
@@ -1389,11 +1731,12 @@ void llama_kv_minicache::state_write(llama_io_write_i & io, const std::vector<ui
                 io.write(n, sizeof(n));
             }
 
-            // a cell with a slot: its exact rows (layer b's is in dir); a merged cell without: its direction
+            // a cell with a slot: the slot (a restored cache lays its rows out the same way: the attention
+            // sums slot rows in slot order) and its exact rows (layer b's is in dir); a merged cell
+            // without: its direction
             const int32_t s = p.slot_of_cell[c];
-            const uint8_t has_slot = s >= 0;
-            io.write(&has_slot, sizeof(has_slot));
-            if (has_slot) {
+            io.write(&s, sizeof(s));
+            if (s >= 0) {
                 read_vec(p, p.rows, s, buf.data());
                 io.write(buf.data(), row);
             }
@@ -1452,14 +1795,30 @@ void llama_kv_minicache::state_read_checked(llama_io_read_i & io, const llama_kv
         }
         release_cell(c);
     }
+    flush(); // the zeroed cells before the state's rows are written over them
 
+    // the state places its cells in given slots: the free ones are the others
+    const auto rebuild_free_slots = [this]() {
+        for (auto & p : pools) {
+            p.free_slots = {};
+            for (uint32_t s = 0; s < n_slots; ++s) {
+                if (p.cell_of_slot[s] < 0) {
+                    p.free_slots.push((int32_t) s);
+                }
+            }
+        }
+    };
     try {
         state_read_cells(io, cells);
+        rebuild_free_slots();
+        flush();
     } catch (...) {
         // a refused state leaves no trace: its cells read as empty
+        rebuild_free_slots();
         for (uint32_t c : cells) {
             release_cell(c);
         }
+        flush();
         throw;
     }
 }
@@ -1514,20 +1873,23 @@ void llama_kv_minicache::state_read_cells(llama_io_read_i & io, const std::vecto
                 p.norm_host[1][c] = n[1];
             }
 
-            uint8_t has_slot;
-            io.read(&has_slot, sizeof(has_slot));
-            if (has_slot > 1 || (staged[c] && !has_slot)) {
-                throw std::runtime_error("MiniCache state: a staged cell without its exact rows");
+            int32_t s;
+            io.read(&s, sizeof(s));
+            if (s < -1 || s >= (int32_t) n_slots || (staged[c] && s < 0)) {
+                throw std::runtime_error(format("MiniCache state: cell %u has slot %d (expected -1 or a slot below %u; "
+                        "a staged cell has one)", c, s, n_slots));
             }
-            if (has_slot) {
+            if (s >= 0) {
                 if (merged[c] && n_retained[ip]++ >= n_retain_max) {
                     throw std::runtime_error(format("MiniCache state: more retained tokens than the retention pool holds (%u)",
                             n_retain_max));
                 }
-                const int32_t s = take_slot(p, c);
-                if (s < 0) {
-                    throw std::runtime_error(format("MiniCache state: more exact rows than this cache has slots (%u)", n_slots));
+                if (p.cell_of_slot[s] >= 0) {
+                    throw std::runtime_error(format("MiniCache state: slot %d holds two cells", s));
                 }
+                p.slot_of_cell[c] = s;
+                p.cell_of_slot[s] = (int32_t) c;
+                sync_norm(p, c);
                 io.read(buf.data(), row);
                 write_vec(p, p.rows, s, buf.data());
             }
@@ -1570,6 +1932,8 @@ void llama_kv_minicache::fill_stats(llama_minicache_stats & st) const {
     st.n_staged     = n_staged_cur;
     st.n_merged     = n_merged_cur;
     st.n_retained   = 0;
+    st.host_rows    = n_host_rows;
+    st.merge_graphs = n_graphs;
     for (const auto & p : pools) {
         for (uint32_t s = 0; s < n_slots; ++s) {
             const int32_t c = p.cell_of_slot[s];
@@ -1744,7 +2108,13 @@ void llama_kv_cache::minicache_set_attn_rot() {
 
 void llama_kv_cache::minicache_sync() {
     if (mc) {
-        mc->forget_freed(v_cells[0]);
+        try {
+            mc->forget_freed(v_cells[0]);
+        } catch (const std::exception & e) {
+            // the writes stay pending (the next ubatch applies them or fails with this error)
+            llama_minicache_set_error(e.what());
+            LLAMA_LOG_ERROR("%s: %s\n", __func__, e.what());
+        }
     }
 }
 

@@ -17,13 +17,18 @@
 //                                 for the decoding fold (K: R^T row-major, V: R row-major; per-head
 //                                 blocks [n_embd_head, n_embd_head, n_head_kv] for ROT_HEAD)
 // and, on the host, the slot <-> cell maps. New tokens are written to slots (staging); tokens
-// leaving the staging window are merged by the native core (native/minicache.h) between
-// ubatches; the most distinct merged pairs keep their slot (retention). Layer b is read back in
-// the graph as dir * norm; layer a as dir * norm (merged cells) + rows gathered by slot (exact cells).
+// leaving the staging window are merged between ubatches by small ggml graphs computed on the
+// backend that holds the pool (CPU, CUDA, RPC, ...: the merge step of the native core,
+// native/minicache.h, in f32 ggml ops); only per-cell scalars (norms, distances, slot and cell
+// ids) cross to the host, which keeps the most distinct merged pairs in their slots (retention).
+// Layer b is read back in the graph as dir * norm; layer a as dir * norm (merged cells) + rows
+// gathered by slot (exact cells).
 
 #include "llama-minicache.h"
 
 #include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
 
 #include <cstdint>
 #include <functional>
@@ -89,6 +94,10 @@ public:
                       ggml_type   type_v,
                        uint32_t   kv_size,
                            bool   v_trans);
+    ~llama_kv_minicache();
+
+    llama_kv_minicache(const llama_kv_minicache &) = delete;
+    llama_kv_minicache & operator=(const llama_kv_minicache &) = delete;
 
     bool is_merged(int32_t il, int kind) const;
 
@@ -149,6 +158,11 @@ public:
     // forget cells that were freed (seq_rm, ...): their slots return to the pools
     void forget_freed(const llama_kv_cells & cells);
 
+    // rows copied between the host and the pool tensors (state save/load and introspection only: the
+    // merge step never copies rows), and merge-step graphs computed
+    int64_t get_n_host_rows() const { return n_host_rows; }
+    int64_t get_n_graphs()    const { return n_graphs; }
+
     void clear();
 
     //
@@ -201,6 +215,22 @@ private:
         // lowest free slot first: the slot of a token depends only on which slots are free, so a
         // cache emptied and refilled lays its rows out as a fresh one does
         std::priority_queue<int32_t, std::vector<int32_t>, std::greater<int32_t>> free_slots;
+
+        // device writes decided on the host, applied by flush(): merged cells giving their slot up
+        // (cell, slot: the direction is merged again from the exact rows), slots and cells to zero,
+        // cells whose norm factors changed (see sync_norm)
+        std::vector<std::pair<uint32_t, int32_t>> pend_demote;
+        std::vector<int32_t>  pend_zero_slots;
+        std::vector<uint32_t> pend_zero_cells;
+        std::vector<uint32_t> pend_norm;
+        std::vector<uint8_t>  norm_pending;
+    };
+
+    // where the merge step's graphs run: a backend for the buffer type holding pool tensors
+    struct merge_backend {
+        ggml_backend_buffer_type_t buft    = nullptr;
+        ggml_backend_t             backend = nullptr;
+        ggml_gallocr_t             galloc  = nullptr;
     };
 
     const llama_hparams & hparams;
@@ -233,6 +263,10 @@ private:
     uint32_t n_staged_cur = 0;
     uint32_t n_merged_cur = 0;
 
+    std::vector<merge_backend> backends;
+    mutable int64_t n_host_rows = 0;
+    int64_t         n_graphs    = 0;
+
     ggml_type type_of(int kind) const { return kind == KIND_K ? type_k : type_v; }
 
     // the type merged layers are restored to in the graph: the cache type, f16 for quantized types
@@ -243,24 +277,46 @@ private:
     bool dir_trans(const pool & p) const { return p.kind == KIND_V && !ggml_is_quantized(type_v); }
 
     void release_cell(uint32_t c);
+    void release_freed(const llama_kv_cells & cells);
     int32_t take_slot(pool & p, uint32_t c); // -1 when the pool has no free slot
     void free_slot(pool & p, int32_t s);
-    // the norm tensors' value of cell c: its norms if merged without a slot (read as dir * norm); with a
-    // slot 0 for layer a (its row is gathered) and 1 for layer b (dir holds its row); 0 for an empty cell
+    // the norm tensors' value of cell c (written by flush()): its norms if merged without a slot (read as
+    // dir * norm); with a slot 0 for layer a (its row is gathered) and 1 for layer b (dir holds its row);
+    // 0 for an empty cell
     void sync_norm(pool & p, uint32_t c) const;
-    // merged cell c gives its slot up: its direction (dir_row, or merged again from its exact rows when
-    // nullptr: the merge is deterministic per row) replaces layer b's row in dir
-    void demote(pool & p, uint32_t c, const uint8_t * dir_row);
+    float norm_value(const pool & p, uint32_t c, int x) const;
+    // merged cell c gives its slot up: its direction, merged again from its exact rows by flush() (the
+    // merge is deterministic per row), replaces layer b's row in dir
+    void demote(pool & p, uint32_t c);
     // one row of dir (index: cell) or rows[x] (index: slot), stored transposed for V
     void write_vec(const pool & p, ggml_tensor * t, uint32_t idx, const uint8_t * row) const;
     void read_vec (const pool & p, ggml_tensor * t, uint32_t idx, uint8_t * row) const;
     void merge_cells(const std::vector<uint32_t> & cells_to_merge);
+
+    // the merge step on the device (see flush)
+    size_t backend_of(const ggml_tensor * t);
+    void init_backends();
+    // compute gf on backends[ib] after uploading inputs (tensor, bytes)
+    void compute(size_t ib, ggml_cgraph * gf, const std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs);
+    // rows idx (cells of dir, slots of rows) of a pool tensor as F32 [n_embd, n]
+    ggml_tensor * gather(ggml_context * ctx, const pool & p, ggml_tensor * t, const std::vector<int32_t> & idx,
+            std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) const;
+    // write src F32 [n_embd, n] to rows idx of a pool tensor
+    // (trans: t is stored transposed, [rows, n_embd])
+    ggml_tensor * scatter(ggml_context * ctx, ggml_tensor * t, ggml_tensor * src, const std::vector<int32_t> & idx, bool trans,
+            std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) const;
+    // the merge of x0 (layer a) and x1 (layer b), F32 [n_embd, n]: [n, 3] = norm of x0, norm of x1,
+    // angular distance; the direction F32 [n_embd, n] in *dir if dir is not nullptr
+    ggml_tensor * build_merge(ggml_context * ctx, const pool & p, ggml_tensor * x0, ggml_tensor * x1, ggml_tensor ** dir) const;
+    // x [n_embd, n] F32 times R (x_a R, the aligned merge)
+    ggml_tensor * rotate(ggml_context * ctx, const pool & p, ggml_tensor * x) const;
+    // apply the pending device writes of every pool: demoted directions, then zeroed rows and norms
+    void flush();
     // restored merged part of layer a of an aligned pool: cur [n_embd, n] * R^T
     ggml_tensor * unrotate(ggml_context * ctx, const pool & p, ggml_tensor * cur) const;
     std::vector<int32_t> layout_desc() const;
-    // keep the most distinct merged cells of a pool in their slots, demote the others; new_dirs: the
-    // directions of the cells merged just now (cell -> row)
-    void retain(pool & p, const std::unordered_map<uint32_t, const uint8_t *> & new_dirs);
+    // keep the most distinct merged cells of a pool in their slots, demote the others
+    void retain(pool & p);
 };
 
 // llama_model::create_memory() takes the params armed on this thread (llama_minicache_set_pending)
