@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,10 @@ BASE_CMAKE_FLAGS = ("-DGGML_NATIVE=OFF", "-DCMAKE_BUILD_TYPE=Release")
 
 ENGINE_MANIFEST = "engine.json"
 LIB_DIR_ENV = "MINICACHE_GGUF_LIB_DIR"
+#: llama.cpp's RPC server, installed next to the patched engine's libraries
+RPC_SERVER = "ggml-rpc-server"
+#: 1: use the CUDA flavour of the patched engine (scripts/build_engine.py --cuda)
+CUDA_ENV = "MINICACHE_GGUF_CUDA"
 CACHE_ENV = "MINICACHE_GGUF_CACHE"
 
 
@@ -103,7 +108,27 @@ def cmake_flags(variant: str, cuda: bool = False) -> list[str]:
     flags = list(BASE_CMAKE_FLAGS)
     flags.append(f"-DMINICACHE_ENGINE={'ON' if variant == 'patched' else 'OFF'}")
     flags.append(f"-DGGML_CUDA={'ON' if cuda else 'OFF'}")
+    if cuda:
+        flags.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs()}")
+    if variant == "patched":
+        # llama.cpp's RPC backend and its server: a model (and its merged cache) across machines
+        flags.append("-DGGML_RPC=ON")
     return flags
+
+
+#: CUDA architectures of the CUDA flavour when MINICACHE_GGUF_CUDA_ARCHS is not set: consumer GPUs
+#: from Turing to Ada (75: RTX 20xx / T4, 86: RTX 30xx, 89: RTX 40xx) and the data-center 80 / 90
+DEFAULT_CUDA_ARCHS = "75;80;86;89;90"
+CUDA_ARCHS_ENV = "MINICACHE_GGUF_CUDA_ARCHS"
+
+
+def cuda_archs() -> str:
+    """CMAKE_CUDA_ARCHITECTURES of the CUDA flavour: MINICACHE_GGUF_CUDA_ARCHS (e.g. "89" for one RTX
+    40xx: one architecture compiles several times faster), else DEFAULT_CUDA_ARCHS."""
+    archs = os.environ.get(CUDA_ARCHS_ENV, "").strip() or DEFAULT_CUDA_ARCHS
+    if not re.fullmatch(r"\d{2,3}(-real|-virtual)?(;\d{2,3}(-real|-virtual)?)*", archs):
+        raise ValueError(f"{CUDA_ARCHS_ENV}={archs!r} is not valid: expected CUDA architectures like '86' or '75;86;89'")
+    return archs
 
 
 def build_inputs(variant: str, root: Path | None = None) -> list[tuple[str, Path]]:
@@ -163,7 +188,8 @@ def lib_dir(variant: str = "patched", cuda: bool = False) -> Path:
     manifest = d / ENGINE_MANIFEST
     if not manifest.is_file() or not (d / "lib" / "libllama.so").is_file():
         what = "the patched engine" if variant == "patched" else "the stock reference engine"
-        flag = "" if variant == "patched" else " --stock"
+        what += " (CUDA flavour)" if cuda else ""
+        flag = ("" if variant == "patched" else " --stock") + (" --cuda" if cuda else "")
         raise EngineNotBuilt(
             f"{what} for this source tree is not built (expected {d}); "
             f"run: bash scripts/setup.sh{flag}"
@@ -179,7 +205,7 @@ def active_lib_dir() -> Path:
     changes the key) never points a running process at another build than the one it loaded."""
     global _active
     if _active is None:
-        _active = lib_dir("patched")
+        _active = lib_dir("patched", cuda=os.environ.get(CUDA_ENV, "") not in ("", "0"))
     return _active
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from . import _engine, engine, kvstate
-from .config import MergeConfig, PairSpec
+from .config import ConfigError, MergeConfig, PairSpec
 from .engine import ffi
 
 __all__ = ["llama_cpp", "KvStats", "params_from_config", "set_pending", "last_error", "get_stats", "get_pairs", "get_rotation",
@@ -241,6 +241,58 @@ def get_cells(ctx_ptr: int, layer: int, kind: str, c0: int, n: int):
 # ---------------------------------------------------------------------------------------------
 # llama-cpp-python internals
 # ---------------------------------------------------------------------------------------------
+
+_rpc_registered: dict[str, int] = {}
+
+
+def parse_rpc_servers(servers) -> list[str]:
+    """"host:port,host:port" (llama.cpp's --rpc) or a list of "host:port" -> the endpoints."""
+    items = servers.split(",") if isinstance(servers, str) else list(servers)
+    out = []
+    for item in items:
+        ep = str(item).strip()
+        host, sep, port = ep.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"rpc_servers: {ep!r} is not valid: expected host:port (an rpc-server's address, "
+                              "e.g. 192.168.1.10:50052), several separated by commas")
+        out.append(ep)
+    if not out:
+        raise ConfigError("rpc_servers: no server given (expected host:port[,host:port...])")
+    return out
+
+
+def add_rpc_servers(servers) -> list[str]:
+    """Make llama.cpp's RPC devices of these rpc-servers available to models loaded from now on in
+    this process (llama.cpp offloads n_gpu_layers to them, as with `--rpc`). Each server is reached
+    once here (a TCP connection, 5 s timeout) so that an unreachable one is a clear error, not a
+    failure inside llama.cpp. A server registered before is not registered again."""
+    import socket
+
+    endpoints = parse_rpc_servers(servers)
+    lib = engine.load_ggml()
+    reg = lib.ggml_backend_reg_by_name(b"RPC")
+    if reg == engine.ggml_ffi.NULL:
+        raise ConfigError("rpc_servers: this engine was built without llama.cpp's RPC backend (GGML_RPC): "
+                          "rebuild it with scripts/setup.sh")
+    add = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server")
+    add = engine.ggml_ffi.cast("ggml_backend_reg_t (*)(const char *)", add)
+    for ep in endpoints:
+        if ep in _rpc_registered:
+            continue
+        host, _, port = ep.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as e:
+            raise ConfigError(f"rpc_servers: cannot reach the rpc-server at {ep} ({e}); start one there with "
+                              "`minicache-gguf rpc-server --host 0.0.0.0 --port PORT`") from None
+        server_reg = add(ep.encode())
+        if server_reg == engine.ggml_ffi.NULL:
+            raise ConfigError(f"rpc_servers: the rpc-server at {ep} offers no device")
+        n_before = lib.ggml_backend_dev_count()
+        lib.ggml_backend_register(server_reg)
+        _rpc_registered[ep] = int(lib.ggml_backend_dev_count() - n_before)
+    return endpoints
+
 
 def context_pointer(llm) -> int:
     """The llama_context pointer of a llama_cpp.Llama (0 once closed)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from .config import BENCH_CTX, BENCH_MODES, DEFAULT_SCORED, GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache_type
@@ -113,11 +114,27 @@ def _cmd_generate(args) -> int:
 
     kv_merge = merge_config(args, GENERATE_MERGE) if args.kv_merge else False
     ubatch = {} if args.n_ubatch is None else {"n_ubatch": args.n_ubatch}
-    llm = Llama(args.model, n_ctx=args.n_ctx, seed=args.seed, verbose=args.verbose,
-                kv_merge=kv_merge, **ubatch, **cache_kwargs(args))
+    llm = Llama(args.model, n_ctx=args.n_ctx, seed=args.seed, verbose=args.verbose, n_gpu_layers=args.n_gpu_layers,
+                rpc_servers=args.rpc, kv_merge=kv_merge, **ubatch, **cache_kwargs(args))
     summary = generate.run(llm, args.prompt, n=args.n, temp=args.temp, raw=args.raw, doc=args.doc)
     print(json.dumps(summary) if args.json else generate.summary_line(summary), file=sys.stderr)
     return 0
+
+
+def _cmd_rpc_server(args) -> int:
+    from . import _engine
+
+    exe = _engine.active_lib_dir() / _engine.RPC_SERVER
+    if not exe.is_file():
+        raise ConfigError(f"{exe} is missing: this engine was built without llama.cpp's RPC server; rebuild with scripts/setup.sh")
+    cmd = [str(exe), "--host", args.host, "--port", str(args.port)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"rpc-server: listening on {args.host}:{args.port} with no authentication: anyone who reaches this "
+              "port can run graphs on this machine; use it on a trusted network only", file=sys.stderr)
+    sys.stderr.flush()
+    os.execv(str(exe), cmd)
 
 
 def _model(args):
@@ -319,11 +336,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", default=None, metavar="FILE|builtin",
                    help="a document the prompt is about, put before it (builtin: ~5000 tokens of Python's documentation)")
     p.add_argument("-fa", "--flash-attn", action="store_true", help="flash attention on")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
+                   help="layers to offload to the GPU or the RPC servers (-1: all; default 0)")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT[,...]",
+                   help="llama.cpp rpc-servers to offload to (`minicache-gguf rpc-server` on those machines)")
     add_cache_type_arguments(p, "")
     g = p.add_argument_group("kv merging (MiniCache)")
     g.add_argument("--kv-merge", action="store_true", help="merge adjacent layer pairs of the KV cache")
     add_merge_arguments(g, GENERATE_MERGE)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("rpc-server", help="llama.cpp's RPC server: lend this machine's backends to a model run elsewhere",
+                       epilog="example (on the remote machine): minicache-gguf rpc-server --host 0.0.0.0 --port 50052\n"
+                              "then, locally: minicache-gguf generate --kv-merge --rpc REMOTE:50052 -ngl -1 -p ...",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=50052, help="port (default 50052)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: llama.cpp's)")
+    p.set_defaults(func=_cmd_rpc_server)
 
     p = sub.add_parser("chat", help="terminal chat (streams; keeps the conversation in the KV cache; /? for help)",
                        epilog="examples:\n  minicache-gguf chat\n  minicache-gguf chat --calibration auto --n-ctx 8192\n"

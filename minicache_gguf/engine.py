@@ -9,7 +9,7 @@ from cffi import FFI
 
 from . import _engine
 
-__all__ = ["CDEF", "CELL_STATES", "KINDS", "ROT_FORMS", "ffi", "load"]
+__all__ = ["CDEF", "CELL_STATES", "GGML_CDEF", "KINDS", "ROT_FORMS", "ffi", "ggml_ffi", "load", "load_ggml"]
 
 # mirror of patches/llama.cpp/include/llama-minicache.h (tests/test_native.py compares them)
 CDEF = """
@@ -115,3 +115,28 @@ def load():
             raise _engine.EngineNotBuilt(f"{path} has no MiniCache engine API: rebuild with scripts/setup.sh") from None
         _lib = lib
     return _lib
+
+
+# the few ggml backend-registry calls (libggml.so) that put llama.cpp's RPC devices in this process
+GGML_CDEF = """
+typedef struct ggml_backend_reg * ggml_backend_reg_t;
+ggml_backend_reg_t ggml_backend_reg_by_name(const char * name);
+void * ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char * name);
+void ggml_backend_register(ggml_backend_reg_t reg);
+size_t ggml_backend_dev_count(void);
+"""
+
+ggml_ffi = FFI()
+ggml_ffi.cdef(GGML_CDEF)
+
+_ggml = None
+
+
+def load_ggml():
+    """libggml.so of the engine this process uses (the one libllama loaded)."""
+    global _ggml
+    if _ggml is None:
+        load()
+        _ggml = ggml_ffi.dlopen(str(_engine.active_lib_dir() / "libggml.so"))
+    return _ggml
+

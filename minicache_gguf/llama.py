@@ -58,6 +58,10 @@ class Llama(llama_cpp.Llama):
     Differences from the stock class:
       - model_path defaults to the default model (SmolLM2-135M-Instruct Q4_1);
       - unknown keyword arguments raise TypeError instead of being silently ignored;
+      - rpc_servers="host:port[,host:port]" puts llama.cpp's RPC devices (`minicache-gguf rpc-server`
+        on other machines) in this process, as llama.cpp's --rpc: n_gpu_layers (and their KV cache,
+        merged or not) go to them. llama-cpp-python 0.3.36 has no such option; the devices stay
+        registered for every model the process loads afterwards;
       - kv_merge=True | MergeConfig(...) selects MiniCache cross-layer KV merging; with merging on,
         n_ubatch defaults to the window (at least 256, at most 512: config.merged_n_ubatch), since the
         exact staging pool holds max(window, n_ubatch) tokens.
@@ -72,16 +76,19 @@ class Llama(llama_cpp.Llama):
     """
 
     def __init__(self, model_path: Optional[Union[str, os.PathLike]] = None, *,
-                 kv_merge: Union[bool, MergeConfig, None] = False, **kwargs):
+                 kv_merge: Union[bool, MergeConfig, None] = False, rpc_servers=None, **kwargs):
         unknown = sorted(set(kwargs) - _STOCK_OPTIONS)
         if unknown:
             hints = []
             for name in unknown:
-                close = difflib.get_close_matches(name, sorted(_STOCK_OPTIONS | {"kv_merge"}), n=1)
+                close = difflib.get_close_matches(name, sorted(_STOCK_OPTIONS | {"kv_merge", "rpc_servers"}), n=1)
                 hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise TypeError(
                 f"Llama() got unknown keyword argument(s) {', '.join(hints)}; valid options are "
-                f"kv_merge and llama_cpp.Llama's: {', '.join(sorted(_STOCK_OPTIONS))}")
+                f"kv_merge, rpc_servers and llama_cpp.Llama's: {', '.join(sorted(_STOCK_OPTIONS))}")
+        if rpc_servers:
+            # llama.cpp's RPC devices (as its --rpc): n_gpu_layers go to them, with their KV cache
+            _internals.add_rpc_servers(rpc_servers)
         # KV cache types as llama.cpp's tools take them: names (q8_0) or ggml type numbers
         for name in ("type_k", "type_v"):
             if kwargs.get(name) is not None:

@@ -207,7 +207,7 @@ def install_libs(build: Path, dest_lib: Path) -> list[str]:
     dest_lib.mkdir(parents=True)
     names = []
     for p in sorted((build / "bin").iterdir()):
-        if p.name.startswith(("libllama.so", "libggml")) and ".so" in p.name:
+        if (p.name.startswith(("libllama.so", "libggml")) and ".so" in p.name) or p.name == E.RPC_SERVER:
             if p.is_symlink():
                 os.symlink(os.readlink(p), dest_lib / p.name)
             else:
@@ -321,7 +321,34 @@ def main() -> None:
     if a.export_series:
         export_series(Path(a.export_series))
         return
+    if a.cuda:
+        check_cuda_toolkit()
     build("stock" if a.stock else "patched", a.cuda, a.jobs, a.force)
+
+
+def check_cuda_toolkit() -> None:
+    """The CUDA flavour needs nvcc (CUDA toolkit); say so plainly where there is none."""
+    nvcc = os.environ.get("CUDACXX") or shutil.which("nvcc") or next(
+        (str(p) for p in sorted(Path("/usr/local").glob("cuda*/bin/nvcc"))), None)
+    if not nvcc or not Path(nvcc).is_file():
+        die("--cuda needs the CUDA toolkit (nvcc), and none was found (PATH, CUDACXX, /usr/local/cuda*/bin). "
+            "Install the CUDA toolkit for your driver, or build the CPU engine (without --cuda).")
+    os.environ["CUDACXX"] = nvcc
+    # ggml-cuda links cuBLAS: its header must be in the toolkit the compiler belongs to
+    home = Path(nvcc).resolve().parent.parent
+    homes = [home, *sorted(Path("/usr/local").glob("cuda*"))]
+    incs = [d for h in homes for d in (h / "include", *h.glob("targets/*/include"))]
+    if os.environ.get("CUDA_HOME"):
+        incs.append(Path(os.environ["CUDA_HOME"]) / "include")
+    if not any((d / "cublas_v2.h").is_file() for d in incs):
+        die(f"--cuda: found nvcc ({nvcc}) but not cuBLAS (cublas_v2.h in {', '.join(map(str, incs))}); "
+            "ggml's CUDA backend links it: install the toolkit's cuBLAS development files (e.g. the "
+            "libcublas-dev package of your CUDA version) or build the CPU engine (without --cuda).")
+    try:
+        archs = E.cuda_archs()
+    except ValueError as e:
+        die(str(e))
+    say(f"CUDA flavour: nvcc {nvcc}, architectures {archs} ({E.CUDA_ARCHS_ENV} overrides)")
 
 
 if __name__ == "__main__":

@@ -628,9 +628,10 @@ void llama_kv_minicache::build_inputs(ggml_context * ctx, uint32_t n_tokens, uin
             ggml_set_input(f);
             ggml_format_name(f, "mc_inp_fold_%zu", i);
             if (pools[i].kind == KIND_K) {
-                fz = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, n_kv + 1, nth);
-                ggml_set_input(fz);
-                ggml_format_name(fz, "mc_inp_fold_zero_%zu", i);
+                // zeroed on the backend that runs the attention (not a host input: the scatter writes
+                // into it, and a scheduler splitting the graph across backends copies inputs as given)
+                fz = ggml_fill(ctx, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, n_kv + 1, nth), 0.0f);
+                ggml_format_name(fz, "mc_fold_zero_%zu", i);
             }
         }
 
@@ -713,11 +714,6 @@ void llama_kv_minicache::set_inputs(const llama_kv_minicache_inputs & inp, const
             }
         }
 
-        ggml_tensor * fz = inp.fold_zero[i];
-        if (fz && fz->buffer) {
-            GGML_ASSERT(ggml_backend_buffer_is_host(fz->buffer));
-            memset(fz->data, 0, ggml_nbytes(fz));
-        }
     }
 }
 

@@ -78,7 +78,7 @@ struct llama_kv_minicache_inputs {
     // n_kv (a spare cell) for free slots: the exact scores are scattered to their cells. V pools:
     // [n_rows, n_tokens*n_head], 0 for free slots (zero rows): the weights are gathered per (token, head)
     std::vector<ggml_tensor *> fold_idxs;
-    std::vector<ggml_tensor *> fold_zero;   // K pools: [1, n_kv + 1, n_tokens*n_head] F32 zeros, the scatter's target
+    std::vector<ggml_tensor *> fold_zero;   // K pools: [1, n_kv + 1, n_tokens*n_head] F32 zeros (a fill node), the scatter's target
 };
 
 class llama_kv_minicache {
