@@ -6,6 +6,7 @@ KV cache type names."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
@@ -206,6 +207,25 @@ class KvMode:
 #: llama-cpp-python's ubatch size, and the smallest one a merged context picks by itself
 STOCK_N_UBATCH = 512
 MIN_MERGED_N_UBATCH = 256
+
+
+#: the default n_gpu_layers of every Llama this package creates (stock: 0), e.g. -1 on a GPU machine:
+#: the tools and the test suite then offload everything (scripts/gpu_check.sh sets it)
+N_GPU_LAYERS_ENV = "MINICACHE_GGUF_N_GPU_LAYERS"
+
+
+def default_n_gpu_layers() -> Optional[int]:
+    """MINICACHE_GGUF_N_GPU_LAYERS as an int (-1: all layers), None when unset."""
+    raw = os.environ.get(N_GPU_LAYERS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -2
+    if n < -1:
+        raise ConfigError(f"{N_GPU_LAYERS_ENV}={raw!r} is not valid: expected a layer count >= 0, or -1 for all layers")
+    return n
 
 
 def merged_n_ubatch(window: int) -> int:

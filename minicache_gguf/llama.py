@@ -17,7 +17,8 @@ from typing import Optional, Union
 
 from . import _internals
 from .calibrate import pairs_for
-from .config import GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache_type, merged_n_ubatch, type_name
+from .config import (GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache_type, default_n_gpu_layers,
+                     merged_n_ubatch, type_name)
 from .model import default_model_path
 from .validate import validate
 
@@ -86,6 +87,8 @@ class Llama(llama_cpp.Llama):
             raise TypeError(
                 f"Llama() got unknown keyword argument(s) {', '.join(hints)}; valid options are "
                 f"kv_merge, rpc_servers and llama_cpp.Llama's: {', '.join(sorted(_STOCK_OPTIONS))}")
+        if default_n_gpu_layers() is not None:
+            kwargs.setdefault("n_gpu_layers", default_n_gpu_layers())
         if rpc_servers:
             # llama.cpp's RPC devices (as its --rpc): n_gpu_layers go to them, with their KV cache
             _internals.add_rpc_servers(rpc_servers)

@@ -82,8 +82,56 @@ def fetch_sdist() -> Path:
     return dest
 
 
+# what a build of libllama + libggml (CPU, CUDA, RPC) + the RPC server reads of llama.cpp: the pruned
+# source tree of --export-source (a machine without network access builds from it, see gpu_check.sh)
+_SOURCE_KEEP = ("CMakeLists.txt", "LICENSE", "cmake/", "include/", "src/", "vendor/", "licenses/", "tools/rpc/",
+                "ggml/CMakeLists.txt", "ggml/LICENSE", "ggml/cmake/", "ggml/include/", "ggml/src/")
+_SOURCE_DROP_BACKENDS = ("blas", "cann", "et", "hexagon", "hip", "metal", "musa", "opencl", "openvino", "sycl",
+                         "virtgpu", "vulkan", "webgpu", "zdnn", "zendnn")
+
+
+def _source_kept(rel: str) -> bool:
+    if not rel.startswith(_SOURCE_KEEP):
+        return False
+    return not any(rel.startswith(f"ggml/src/ggml-{b}/") for b in _SOURCE_DROP_BACKENDS)
+
+
+def export_source(out: Path) -> None:
+    """The pinned llama.cpp (from the verified sdist) pruned to what the engine builds read, as a
+    tar.gz with OUT.sha256 beside it: '<sha256 of OUT> <upstream sdist sha256>'."""
+    sdist = fetch_sdist()
+    prefix = f"llama_cpp_python-{E.UPSTREAM_VERSION}/vendor/llama.cpp/"
+    n = 0
+    with tarfile.open(sdist) as src, tarfile.open(out, "w:gz") as dst:
+        for m in src.getmembers():
+            rel = m.name[len(prefix):] if m.name.startswith(prefix) else ""
+            if not rel or not (m.isfile() or m.isdir()) or not _source_kept(rel + ("/" if m.isdir() else "")):
+                continue
+            m.name = "llama.cpp/" + rel
+            dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+            n += m.isfile()
+    Path(str(out) + ".sha256").write_text(f"{sha256_file(out)} {E.UPSTREAM_SDIST_SHA256}\n")
+    say(f"wrote {out} ({n} files, {out.stat().st_size / 2**20:.1f} MiB) and {out.name}.sha256")
+
+
+def check_source_tar(tar: Path) -> Path:
+    """A tree written by --export-source: its sha256 and the upstream it came from must match."""
+    side = Path(str(tar) + ".sha256")
+    if not tar.is_file() or not side.is_file():
+        die(f"--source-tar {tar}: expected the file and {side.name} beside it (written by --export-source)")
+    want, upstream = (side.read_text().split() + ["", ""])[:2]
+    if upstream != E.UPSTREAM_SDIST_SHA256:
+        die(f"{tar} was exported from the sdist {upstream or '?'}, this tree pins {E.UPSTREAM_SDIST_SHA256}")
+    got = sha256_file(tar)
+    if got != want:
+        die(f"{tar} has sha256 {got}, {side.name} says {want}: refusing it")
+    return tar
+
+
 def extract_llama_cpp(sdist: Path, dest: Path) -> None:
     prefix = f"llama_cpp_python-{E.UPSTREAM_VERSION}/vendor/llama.cpp/"
+    if sdist.name.endswith(".tar.gz") and Path(str(sdist) + ".sha256").is_file():
+        prefix = "llama.cpp/"  # an --export-source tree
     with tarfile.open(sdist) as tf:
         members = []
         for m in tf.getmembers():
@@ -108,6 +156,16 @@ def overlay_new_files(tree: Path) -> None:
 
 
 def apply_patches(tree: Path, patches: list[Path]) -> None:
+    if shutil.which("patch") is None:
+        if shutil.which("git") is None:
+            die("neither 'patch' nor 'git' is on PATH: run scripts/setup.sh (it installs the build tools)")
+        for p in patches:  # the same series with git apply (machines without patch, e.g. a GPU image)
+            r = subprocess.run(["git", "apply", "--whitespace=nowarn", "-p1", str(p)], cwd=tree,
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                die(f"patch {p.name} does not apply to llama.cpp {E.LLAMA_CPP_COMMIT}:\n{r.stderr}")
+            say(f"applied {p.name} (git apply)")
+        return
     for p in patches:
         args = ["patch", "-p1", "--forward", "--batch", "--fuzz=0", "--no-backup-if-mismatch",
                 "-d", str(tree), "-i", str(p)]
@@ -259,15 +317,14 @@ def prune_old_engines(variant: str, cuda: bool, keep: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def build(variant: str, cuda: bool, jobs: int, force: bool) -> Path:
+def build(variant: str, cuda: bool, jobs: int, force: bool, source: Path | None = None) -> Path:
     key = E.engine_key(variant, cuda, ROOT)
     out = E.cache_dir() / "engine" / key
     if not force and (out / E.ENGINE_MANIFEST).is_file() and (out / "lib" / "libllama.so").is_file():
         say(f"{variant} engine up to date: {out / 'lib'}")
         return out / "lib"
     t0 = time.time()
-    sdist = fetch_sdist()
-    src = prepare_source(variant, cuda, sdist)
+    src = prepare_source(variant, cuda, source or fetch_sdist())
     build_dir = E.cache_dir() / "engine" / f"build-{variant}{'-cuda' if cuda else ''}"
     flags = E.cmake_flags(variant, cuda)
     log = build_dir.with_suffix(".log")
@@ -307,12 +364,15 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs")
     ap.add_argument("--force", action="store_true", help="rebuild even if the engine is up to date")
     ap.add_argument("--sdist-path", action="store_true", help="fetch/verify the upstream sdist and print its path")
+    ap.add_argument("--export-source", metavar="OUT.tar.gz", help="write llama.cpp pruned to what the builds read "
+                    "(+ OUT.tar.gz.sha256), for a machine without network access")
+    ap.add_argument("--source-tar", metavar="PATH", help="build from an --export-source tree instead of the sdist")
     ap.add_argument("--export-series", metavar="OUT", help="write the whole engine change (new files + patches) "
                     "as one unified diff against upstream llama.cpp, for a reviewer")
     a = ap.parse_args()
     if a.jobs < 1:
         die(f"--jobs {a.jobs} is not valid: expected a positive integer")
-    for tool in ("cmake", "patch", "cc", "c++"):
+    for tool in ("cmake", "cc", "c++"):
         if shutil.which(tool) is None:
             die(f"'{tool}' not found on PATH: run scripts/setup.sh (it installs the build tools)")
     if a.sdist_path:
@@ -321,9 +381,13 @@ def main() -> None:
     if a.export_series:
         export_series(Path(a.export_series))
         return
+    if a.export_source:
+        export_source(Path(a.export_source))
+        return
     if a.cuda:
         check_cuda_toolkit()
-    build("stock" if a.stock else "patched", a.cuda, a.jobs, a.force)
+    source = check_source_tar(Path(a.source_tar)) if a.source_tar else None
+    build("stock" if a.stock else "patched", a.cuda, a.jobs, a.force, source)
 
 
 def check_cuda_toolkit() -> None:

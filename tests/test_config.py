@@ -82,3 +82,16 @@ def test_kv_modes_stack_merges_on_cache_types(tmp_path):
     for bad in ("q4_0+nope", "q9_0", "q8_0+q4_0"):
         with pytest.raises(ValueError, match="not valid"):
             kv_modes(256, {}, [bad])
+
+
+def test_n_gpu_layers_from_the_environment(monkeypatch):
+    from minicache_gguf.config import N_GPU_LAYERS_ENV, default_n_gpu_layers
+
+    monkeypatch.delenv(N_GPU_LAYERS_ENV, raising=False)
+    assert default_n_gpu_layers() is None
+    monkeypatch.setenv(N_GPU_LAYERS_ENV, "-1")
+    assert default_n_gpu_layers() == -1
+    for bad in ("all", "-3", "1.5"):
+        monkeypatch.setenv(N_GPU_LAYERS_ENV, bad)
+        with pytest.raises(ConfigError, match=f"{N_GPU_LAYERS_ENV}='{bad}' is not valid"):
+            default_n_gpu_layers()
