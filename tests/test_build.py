@@ -119,3 +119,50 @@ def test_missing_engine_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv(_engine.LIB_DIR_ENV, str(tmp_path))
     with pytest.raises(_engine.EngineNotBuilt, match="does not contain libllama.so"):
         _engine.lib_dir("patched")
+
+
+def test_cuda_flavour_flags_and_archs(monkeypatch):
+    monkeypatch.delenv(_engine.CUDA_ARCHS_ENV, raising=False)
+    flags = _engine.cmake_flags("patched", cuda=True)
+    assert "-DGGML_CUDA=ON" in flags and f"-DCMAKE_CUDA_ARCHITECTURES={_engine.DEFAULT_CUDA_ARCHS}" in flags
+    assert "-DGGML_RPC=ON" in flags and "-DGGML_RPC=ON" not in _engine.cmake_flags("stock")
+    monkeypatch.setenv(_engine.CUDA_ARCHS_ENV, "89")
+    assert "-DCMAKE_CUDA_ARCHITECTURES=89" in _engine.cmake_flags("patched", cuda=True)
+    assert _engine.engine_key("patched", cuda=True) != _engine.engine_key("patched")
+    monkeypatch.setenv(_engine.CUDA_ARCHS_ENV, "native;all")
+    with pytest.raises(ValueError, match="MINICACHE_GGUF_CUDA_ARCHS='native;all' is not valid"):
+        _engine.cmake_flags("patched", cuda=True)
+
+
+def test_cuda_build_without_a_toolkit_says_so():
+    """No nvcc (or nvcc without cuBLAS): a message naming what is missing, before any work."""
+    homes = [Path(p) for p in ("/usr/local/cuda", "/usr")] + sorted(Path("/usr/local").glob("cuda*"))
+    if any((h / "include" / "cublas_v2.h").is_file() or list(h.glob("targets/*/include/cublas_v2.h")) for h in homes):
+        pytest.skip("a CUDA toolkit with cuBLAS is installed: --cuda would build")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_engine.py"), "--cuda"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "--cuda needs the CUDA toolkit (nvcc)" in r.stderr or "but not cuBLAS (cublas_v2.h" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "building patched engine" not in r.stderr
+
+
+def test_exported_source_is_pruned_and_checked(tmp_path):
+    """--export-source: what the builds read (the backends built here, no models/docs), with its
+    sha256; --source-tar refuses a tree that does not match it."""
+    out = tmp_path / "llama-src.tar.gz"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_engine.py"), "--export-source", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import tarfile
+    names = tarfile.open(out).getnames()
+    assert "llama.cpp/CMakeLists.txt" in names and "llama.cpp/tools/rpc/rpc-server.cpp" in names
+    assert any(n.startswith("llama.cpp/ggml/src/ggml-cuda/") for n in names)
+    assert not any(n.startswith(("llama.cpp/models/", "llama.cpp/docs/", "llama.cpp/ggml/src/ggml-vulkan/")) for n in names)
+    assert out.stat().st_size < 8 * 2**20
+    b = load_build_script()
+    assert b.check_source_tar(out) == out
+    side = Path(str(out) + ".sha256")
+    side.write_text("0" * 64 + " " + _engine.UPSTREAM_SDIST_SHA256 + "\n")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_engine.py"), "--source-tar", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "refusing it" in r.stderr, r.stderr
