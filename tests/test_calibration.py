@@ -144,8 +144,8 @@ def test_calibration_files_are_refused_clearly(tmp_path, model_path, small_cal):
 
 @pytest.mark.parametrize("form", ["head", "full"])
 def test_aligned_engine_equals_the_reference(model_path, form):
-    """The engine's aligned merge restores exactly what the NumPy reference restores (rotated layer
-    included), keeps the same tokens, and its logits match a stock cache holding those rows."""
+    """The engine's aligned merge restores what the NumPy reference restores (rotated layer included;
+    merged cells to one f16 rounding, the others exactly), keeps the same tokens, and its logits match a stock cache holding those rows."""
     llm = Llama(model_path, n_ctx=64, vocab_only=True, verbose=False)
     toks = corpus.tokens_for(llm, corpus.builtin_text("calibration"), 400, "calibration")
     rng = np.random.default_rng(7)
@@ -178,7 +178,11 @@ def test_aligned_engine_equals_the_reference(model_path, form):
         rows = want.k if q.kind == "k" else want.v
         for layer in (q.layer, q.layer + 1):
             got = _internals.get_rows(mc._ctx.ctx, layer, q.kind, 0, n, N_EMBD)
-            assert np.array_equal(got, rows[layer][:n].astype(np.float32)), (q, layer)
+            want_l = rows[layer][:n].astype(np.float32)
+            # merged cells: within one f16 rounding (the engine merges in f32 ggml ops on the cache's
+            # backend, the reference in f64); a retained set that differed would differ far more
+            np.testing.assert_allclose(got[:n_m], want_l[:n_m], rtol=1e-3, atol=1e-3 * np.abs(want_l).max(), err_msg=str((q, layer)))
+            assert np.array_equal(got[n_m:], want_l[n_m:]), (q, layer)
         state, _ = _internals.get_cells(mc._ctx.ctx, q.layer, q.kind, 0, n)
         assert (state[:n_m] == 3).sum() == int(np.ceil(gamma * n_m - 1e-7 * n_m))
 

@@ -1536,13 +1536,7 @@ void llama_kv_minicache::flush() {
     if (!pools[0].dir->buffer) {
         // no buffers (a model loaded without allocating): nothing to write
         for (auto & p : pools) {
-            p.pend_demote.clear();
-            p.pend_zero_slots.clear();
-            p.pend_zero_cells.clear();
-            for (uint32_t c : p.pend_norm) {
-                p.norm_pending[c] = 0;
-            }
-            p.pend_norm.clear();
+            drop_pending(p);
         }
         return;
     }
@@ -1616,14 +1610,18 @@ void llama_kv_minicache::flush() {
     }
 
     for (auto & p : pools) {
-        p.pend_demote.clear();
-        p.pend_zero_slots.clear();
-        p.pend_zero_cells.clear();
-        for (uint32_t c : p.pend_norm) {
-            p.norm_pending[c] = 0;
-        }
-        p.pend_norm.clear();
+        drop_pending(p);
     }
+}
+
+void llama_kv_minicache::drop_pending(pool & p) {
+    p.pend_demote.clear();
+    p.pend_zero_slots.clear();
+    p.pend_zero_cells.clear();
+    for (uint32_t c : p.pend_norm) {
+        p.norm_pending[c] = 0;
+    }
+    p.pend_norm.clear();
 }
 
 void llama_kv_minicache::clear() {
@@ -1643,11 +1641,7 @@ void llama_kv_minicache::clear() {
         for (uint32_t s = 0; s < n_slots; ++s) {
             p.free_slots.push((int32_t) s);
         }
-        p.pend_demote.clear();
-        p.pend_zero_slots.clear();
-        p.pend_zero_cells.clear();
-        p.pend_norm.clear();
-        std::fill(p.norm_pending.begin(), p.norm_pending.end(), 0);
+        drop_pending(p);
     }
     std::fill(staged.begin(), staged.end(), 0);
     std::fill(merged.begin(), merged.end(), 0);

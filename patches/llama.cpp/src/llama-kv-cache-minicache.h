@@ -312,6 +312,8 @@ private:
     ggml_tensor * rotate(ggml_context * ctx, const pool & p, ggml_tensor * x) const;
     // apply the pending device writes of every pool: demoted directions, then zeroed rows and norms
     void flush();
+    // forget a pool's pending writes (applied, or nothing to apply them to)
+    static void drop_pending(pool & p);
     // restored merged part of layer a of an aligned pool: cur [n_embd, n] * R^T
     ggml_tensor * unrotate(ggml_context * ctx, const pool & p, ggml_tensor * cur) const;
     std::vector<int32_t> layout_desc() const;
