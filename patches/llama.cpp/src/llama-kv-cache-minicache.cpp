@@ -20,7 +20,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
-#include <thread>
 
 //
 // the params armed for the next context on this thread
@@ -1216,22 +1215,27 @@ void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merg
         ggml_context * ctx = ggml_init(ip0);
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, 256*mine.size(), false);
         std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> inputs;
+        // the pools of one row width share the merge's ops (their rows side by side): while decoding
+        // each pool merges one row, and a graph of per-pool ops is mostly per-op overhead
+        const std::vector<std::vector<size_t>> groups = width_groups(mine);
         ggml_tensor * out = nullptr;
-        for (size_t ip : mine) {
-            const auto & p = pools[ip];
-            std::vector<int32_t> slots(n), cells(n);
-            for (int64_t i = 0; i < n; ++i) {
-                const uint32_t c = cells_to_merge[i];
-                if (p.slot_of_cell[c] < 0) {
-                    ggml_free(ctx);
-                    throw std::runtime_error(format("cell %u is staged without an exact slot", c));
+        for (const auto & g : groups) {
+            std::vector<std::vector<int32_t>> slots(g.size(), std::vector<int32_t>(n)), cells(g.size(), std::vector<int32_t>(n));
+            for (size_t k = 0; k < g.size(); ++k) {
+                const auto & p = pools[g[k]];
+                for (int64_t i = 0; i < n; ++i) {
+                    const uint32_t c = cells_to_merge[i];
+                    if (p.slot_of_cell[c] < 0) {
+                        ggml_free(ctx);
+                        throw std::runtime_error(format("cell %u is staged without an exact slot", c));
+                    }
+                    slots[k][i] = p.slot_of_cell[c];
+                    cells[k][i] = (int32_t) c;
                 }
-                slots[i] = p.slot_of_cell[c];
-                cells[i] = (int32_t) c;
             }
-            ggml_tensor * x0 = gather(ctx, p, p.rows, slots, inputs);
-            ggml_tensor * x1 = gather(ctx, p, p.dir,  cells, inputs);
-            ggml_tensor * st = build_merge(ctx, p, x0, x1, nullptr);
+            ggml_tensor * x[3];
+            merge_inputs(ctx, g, slots, cells, inputs, x);
+            ggml_tensor * st = build_merge(ctx, x[0], x[1], x[2], nullptr); // [3 n |g|]: norms a, norms b, distances
             out = out ? ggml_concat(ctx, out, st, 0) : st;
         }
         ggml_set_output(out);
@@ -1245,8 +1249,17 @@ void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merg
         std::vector<float> buf(ggml_nelements(out));
         ggml_backend_tensor_get(out, buf.data(), 0, ggml_nbytes(out));
         ggml_free(ctx);
-        for (size_t k = 0; k < mine.size(); ++k) {
-            stats[mine[k]].assign(buf.begin() + 3*n*k, buf.begin() + 3*n*(k + 1));
+        size_t off = 0;
+        for (const auto & g : groups) {
+            const int64_t nn = n*(int64_t) g.size();
+            for (size_t k = 0; k < g.size(); ++k) {
+                auto & st = stats[g[k]];
+                st.resize(3*n);
+                for (int x = 0; x < 3; ++x) {
+                    std::copy_n(buf.begin() + off + x*nn + k*n, n, st.begin() + x*n);
+                }
+            }
+            off += 3*nn;
         }
     }
 
@@ -1343,7 +1356,9 @@ size_t llama_kv_minicache::backend_of(const ggml_tensor * t) {
     ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
     auto * set_n_threads = reg ? (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : nullptr;
     if (set_n_threads) {
-        set_n_threads(be.backend, (int) std::max(1u, std::min(4u, std::thread::hardware_concurrency())));
+        // one thread: the graphs are hundreds of tiny ops (a few rows each while decoding), where a
+        // thread barrier per op costs more than the op (measured: 2 threads decode 10% slower at 4k)
+        set_n_threads(be.backend, 1);
     }
     be.galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(be.backend));
     backends.push_back(be);
@@ -1441,6 +1456,37 @@ ggml_tensor * llama_kv_minicache::rotate(ggml_context * ctx, const pool & p, ggm
     return ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, res, 0, 2, 1, 3)), dh*nh, n);
 }
 
+// a, then b beside it (columns: [d, n_a + n_b])
+static ggml_tensor * mc_cat(ggml_context * ctx, ggml_tensor * a, ggml_tensor * b) {
+    return a ? ggml_concat(ctx, a, b, 1) : b;
+}
+
+void llama_kv_minicache::merge_inputs(ggml_context * ctx, const std::vector<size_t> & group,
+        const std::vector<std::vector<int32_t>> & slots, const std::vector<std::vector<int32_t>> & cells,
+        std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs, ggml_tensor * out[3]) const {
+    out[0] = out[1] = out[2] = nullptr;
+    for (size_t k = 0; k < group.size(); ++k) {
+        const pool & p = pools[group[k]];
+        ggml_tensor * x0 = gather(ctx, p, p.rows, slots[k], inputs);
+        out[0] = mc_cat(ctx, out[0], x0);
+        out[1] = mc_cat(ctx, out[1], p.rot != LLAMA_MINICACHE_ROT_NONE ? rotate(ctx, p, x0) : x0);
+        out[2] = mc_cat(ctx, out[2], gather(ctx, p, p.dir, cells[k], inputs));
+    }
+}
+
+std::vector<std::vector<size_t>> llama_kv_minicache::width_groups(const std::vector<size_t> & ips) const {
+    std::vector<std::vector<size_t>> groups;
+    for (size_t ip : ips) {
+        auto it = std::find_if(groups.begin(), groups.end(), [&](const std::vector<size_t> & g) { return pools[g[0]].n_embd == pools[ip].n_embd; });
+        if (it == groups.end()) {
+            groups.push_back({ ip });
+        } else {
+            it->push_back(ip);
+        }
+    }
+    return groups;
+}
+
 // 1 - a
 static ggml_tensor * mc_one_minus(ggml_context * ctx, ggml_tensor * a) {
     return ggml_scale_bias(ctx, a, -1.0f, 1.0f);
@@ -1467,7 +1513,7 @@ static ggml_tensor * mc_acos01(ggml_context * ctx, ggml_tensor * x) {
     return ggml_mul(ctx, ggml_sqrt(ctx, ggml_clamp(ctx, mc_one_minus(ctx, x), 0.0f, 1.0f)), p);
 }
 
-ggml_tensor * llama_kv_minicache::build_merge(ggml_context * ctx, const pool & p, ggml_tensor * x0, ggml_tensor * x1, ggml_tensor ** dir) const {
+ggml_tensor * llama_kv_minicache::build_merge(ggml_context * ctx, ggml_tensor * x0, ggml_tensor * r0, ggml_tensor * x1, ggml_tensor ** dir) const {
     // the native core's merge (minicache_merge) in f32 ops: norms of the unrotated rows, units (an
     // aligned pool's layer a rotated and normalized by its own norm), the angle, SLERP
     const float t   = params.t;
@@ -1475,13 +1521,7 @@ ggml_tensor * llama_kv_minicache::build_merge(ggml_context * ctx, const pool & p
 
     ggml_tensor * n0 = mc_norm(ctx, x0);
     ggml_tensor * n1 = mc_norm(ctx, x1);
-    ggml_tensor * u0 = nullptr;
-    if (p.rot != LLAMA_MINICACHE_ROT_NONE) {
-        ggml_tensor * r = rotate(ctx, p, x0);
-        u0 = mc_unit(ctx, r, mc_norm(ctx, r));
-    } else {
-        u0 = mc_unit(ctx, x0, n0);
-    }
+    ggml_tensor * u0 = mc_unit(ctx, r0, mc_norm(ctx, r0)); // r0 = x0 without a rotation: its norm is n0
     ggml_tensor * u1 = mc_unit(ctx, x1, n1);
 
     ggml_tensor * nz0  = ggml_step(ctx, n0); // 1: layer a's row is not zero
@@ -1553,22 +1593,39 @@ void llama_kv_minicache::flush() {
             ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_graph, false);
             std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> inputs;
 
+            if (round == 0) {
+                std::vector<size_t> mine;
+                for (size_t ip = 0; ip < pools.size(); ++ip) {
+                    if (!pools[ip].pend_demote.empty() && backend_of(pools[ip].dir) == ib) {
+                        mine.push_back(ip);
+                    }
+                }
+                // one merge per row width, the pools side by side (see merge_cells)
+                for (const auto & g : width_groups(mine)) {
+                    std::vector<std::vector<int32_t>> slots(g.size()), cells(g.size());
+                    for (size_t k = 0; k < g.size(); ++k) {
+                        for (const auto & cs : pools[g[k]].pend_demote) {
+                            cells[k].push_back((int32_t) cs.first);
+                            slots[k].push_back(cs.second);
+                        }
+                    }
+                    ggml_tensor * x[3];
+                    merge_inputs(ctx, g, slots, cells, inputs, x);
+                    ggml_tensor * d = nullptr;
+                    build_merge(ctx, x[0], x[1], x[2], &d);
+                    int64_t off = 0;
+                    for (size_t k = 0; k < g.size(); ++k) {
+                        const pool & p = pools[g[k]];
+                        const int64_t m = (int64_t) cells[k].size();
+                        ggml_tensor * dk = ggml_view_2d(ctx, d, d->ne[0], m, d->nb[1], off*d->nb[1]);
+                        ggml_build_forward_expand(gf, scatter(ctx, p.dir, dk, cells[k], dir_trans(p), inputs));
+                        off += m;
+                    }
+                }
+            }
             for (auto & p : pools) {
                 if (round == 0) {
-                    if (p.pend_demote.empty() || backend_of(p.dir) != ib) {
-                        continue;
-                    }
-                    std::vector<int32_t> cells, slots;
-                    for (const auto & cs : p.pend_demote) {
-                        cells.push_back((int32_t) cs.first);
-                        slots.push_back(cs.second);
-                    }
-                    ggml_tensor * x0 = gather(ctx, p, p.rows, slots, inputs);
-                    ggml_tensor * x1 = gather(ctx, p, p.dir,  cells, inputs);
-                    ggml_tensor * d  = nullptr;
-                    build_merge(ctx, p, x0, x1, &d);
-                    ggml_build_forward_expand(gf, scatter(ctx, p.dir, d, cells, dir_trans(p), inputs));
-                    continue;
+                    break;
                 }
                 const auto zero_rows = [&](ggml_tensor * t, std::vector<int32_t> idx) {
                     std::sort(idx.begin(), idx.end());

@@ -305,9 +305,16 @@ private:
     // (trans: t is stored transposed, [rows, n_embd])
     ggml_tensor * scatter(ggml_context * ctx, ggml_tensor * t, ggml_tensor * src, const std::vector<int32_t> & idx, bool trans,
             std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) const;
-    // the merge of x0 (layer a) and x1 (layer b), F32 [n_embd, n]: [n, 3] = norm of x0, norm of x1,
-    // angular distance; the direction F32 [n_embd, n] in *dir if dir is not nullptr
-    ggml_tensor * build_merge(ggml_context * ctx, const pool & p, ggml_tensor * x0, ggml_tensor * x1, ggml_tensor ** dir) const;
+    // the merge of x0 (layer a; r0: x0 rotated, or x0) and x1 (layer b), F32 [n_embd, n]: [3n] = norms of
+    // x0, norms of x1, angular distances; the direction F32 [n_embd, n] in *dir if dir is not nullptr
+    ggml_tensor * build_merge(ggml_context * ctx, ggml_tensor * x0, ggml_tensor * r0, ggml_tensor * x1, ggml_tensor ** dir) const;
+    // the merge's operands for the pools of a group (of one row width), side by side: layer a's exact
+    // rows (slots), the same rotated (r0: aligned pools; x0 otherwise) and layer b's rows (cells)
+    void merge_inputs(ggml_context * ctx, const std::vector<size_t> & group,
+            const std::vector<std::vector<int32_t>> & slots, const std::vector<std::vector<int32_t>> & cells,
+            std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs, ggml_tensor * out[3]) const;
+    // pool indices grouped by row width
+    std::vector<std::vector<size_t>> width_groups(const std::vector<size_t> & ips) const;
     // x [n_embd, n] F32 times R (x_a R, the aligned merge)
     ggml_tensor * rotate(ggml_context * ctx, const pool & p, ggml_tensor * x) const;
     // apply the pending device writes of every pool: demoted directions, then zeroed rows and norms
