@@ -6,16 +6,20 @@
 #
 #   bash scripts/setup.sh            # what `scripts/demo.sh` needs
 #   bash scripts/setup.sh --stock    # + the unpatched reference engine (the tests compare against it)
+#   bash scripts/setup.sh --cuda     # + the CUDA flavour of the patched engine (needs the CUDA toolkit;
+#                                    #   use it with MINICACHE_GGUF_CUDA=1, see scripts/gpu_check.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 STOCK=0
+CUDA=0
 for a in "$@"; do
     case "$a" in
         --stock) STOCK=1 ;;
-        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
-        *) echo "setup.sh: unknown option '$a' (valid: --stock)" >&2; exit 2 ;;
+        --cuda) CUDA=1 ;;
+        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown option '$a' (valid: --stock, --cuda)" >&2; exit 2 ;;
     esac
 done
 
@@ -44,6 +48,7 @@ PIP=("$VPY" -m pip --disable-pip-version-check -q)
 # 3. engine(s): cached by a key over every input, no-op when unchanged
 "$VPY" scripts/build_engine.py
 if [ "$STOCK" = 1 ]; then "$VPY" scripts/build_engine.py --stock; fi
+if [ "$CUDA" = 1 ]; then "$VPY" scripts/build_engine.py --cuda; fi
 
 # 4. llama-cpp-python 0.3.36, Python part only: its libraries are our build (LLAMA_CPP_LIB_PATH)
 if ! "$VPY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '0.3.36')" 2>/dev/null; then
