@@ -9,7 +9,6 @@
 #include "llama-model.h"
 
 #include "ggml-backend.h"
-#include "ggml-cpu.h"
 
 #ifdef LLAMA_MINICACHE
 #include "minicache.h"
@@ -180,48 +179,6 @@ static void row_to_f32(ggml_type type, const void * src, int64_t n, float * dst)
     } else {
         ggml_get_type_traits(type)->to_float(src, dst, n);
     }
-}
-
-// the CPU backend's conversion: the rounding of llama.cpp writing a row of this type (set_rows)
-static void row_from_f32(ggml_type type, const float * src, int64_t n, void * dst) {
-    if (type == GGML_TYPE_F32) {
-        memcpy(dst, src, sizeof(float)*n);
-    } else {
-        ggml_get_type_traits_cpu(type)->from_float(src, dst, n);
-    }
-}
-
-// merge n rows of two layers (contiguous, cache type) into dir, norms and distances
-static void mc_merge(ggml_type type, const void * x0, const void * x1, int64_t n, int64_t n_embd, float t, const float * rot,
-        void * dir, float * norm0, float * norm1, float * dist) {
-    if (!mc_native(type)) {
-        // dequantize, merge in f32, quantize the directions
-        const size_t row = ggml_row_size(type, n_embd);
-        std::vector<float> f0(n*n_embd), f1(n*n_embd), fd(n*n_embd);
-        for (int64_t i = 0; i < n; ++i) {
-            row_to_f32(type, (const uint8_t *) x0 + i*row, n_embd, f0.data() + i*n_embd);
-            row_to_f32(type, (const uint8_t *) x1 + i*row, n_embd, f1.data() + i*n_embd);
-        }
-        mc_merge(GGML_TYPE_F32, f0.data(), f1.data(), n, n_embd, t, rot, fd.data(), norm0, norm1, dist);
-        for (int64_t i = 0; i < n; ++i) {
-            row_from_f32(type, fd.data() + i*n_embd, n_embd, (uint8_t *) dir + i*row);
-        }
-        return;
-    }
-#ifdef LLAMA_MINICACHE
-    const int64_t es = ggml_type_size(type);
-    const minicache_view v0 = { const_cast<void *>(x0), mc_type(type), es, es*n_embd };
-    const minicache_view v1 = { const_cast<void *>(x1), mc_type(type), es, es*n_embd };
-    const minicache_view vd = { dir,                    mc_type(type), es, es*n_embd };
-    const int32_t rc = minicache_merge(&v0, &v1, n, n_embd, t, rot, &vd, norm0, norm1, dist);
-    if (rc != MINICACHE_OK) {
-        throw std::runtime_error(format("minicache_merge failed: %s", minicache_status_str(rc)));
-    }
-#else
-    GGML_UNUSED(type); GGML_UNUSED(x0); GGML_UNUSED(x1); GGML_UNUSED(n); GGML_UNUSED(n_embd); GGML_UNUSED(t); GGML_UNUSED(rot);
-    GGML_UNUSED(dir); GGML_UNUSED(norm0); GGML_UNUSED(norm1); GGML_UNUSED(dist);
-    throw std::runtime_error("this libllama was built without the MiniCache core (LLAMA_MINICACHE_DIR)");
-#endif
 }
 
 // one restored row: the cache type's rounding of dir * norm (* rot^T); f32 for other types
