@@ -261,12 +261,42 @@ def parse_rpc_servers(servers) -> list[str]:
     return out
 
 
+#: llama.cpp's RPC protocol (ggml/include/ggml-rpc.h of the pinned llama.cpp): major version, HELLO
+#: command, capability bytes (ggml-rpc/transport.h)
+RPC_PROTO_MAJOR, RPC_CMD_HELLO, RPC_CONN_CAPS_SIZE = 7, 14, 24
+
+
+def _rpc_hello(host: str, port: int, timeout: float = 5.0) -> tuple:
+    """The server's (major, minor) RPC protocol version, by llama.cpp's HELLO handshake; OSError or
+    ValueError when the peer does not answer as an rpc-server within the timeout."""
+    import socket
+    import struct
+
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.settimeout(timeout)
+        s.sendall(bytes([RPC_CMD_HELLO]) + struct.pack("<Q", RPC_CONN_CAPS_SIZE) + bytes(RPC_CONN_CAPS_SIZE))
+        buf = b""
+        while len(buf) < 8 + 4 + RPC_CONN_CAPS_SIZE:
+            try:
+                chunk = s.recv(64)
+            except socket.timeout:  # connected, but no answer: not an rpc-server
+                break
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) >= 8 and struct.unpack_from("<Q", buf)[0] != 4 + RPC_CONN_CAPS_SIZE:
+                break
+    if len(buf) < 8 + 4 or struct.unpack_from("<Q", buf)[0] != 4 + RPC_CONN_CAPS_SIZE:
+        raise ValueError("no HELLO answer")
+    return buf[8], buf[9]
+
+
 def add_rpc_servers(servers) -> list[str]:
     """Make llama.cpp's RPC devices of these rpc-servers available to models loaded from now on in
-    this process (llama.cpp offloads n_gpu_layers to them, as with `--rpc`). Each server is reached
-    once here (a TCP connection, 5 s timeout) so that an unreachable one is a clear error, not a
-    failure inside llama.cpp. A server registered before is not registered again."""
-    import socket
+    this process (llama.cpp offloads n_gpu_layers to them, as with `--rpc`). Each server is checked
+    once here (llama.cpp's HELLO handshake, 5 s timeout) so that an unreachable server, or a port
+    that is not an rpc-server of this protocol, is a clear error, not a hang or an abort inside
+    llama.cpp. A server registered before is not registered again."""
 
     endpoints = parse_rpc_servers(servers)
     lib = engine.load_ggml()
@@ -281,10 +311,16 @@ def add_rpc_servers(servers) -> list[str]:
             continue
         host, _, port = ep.rpartition(":")
         try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            major, minor = _rpc_hello(host.strip("[]"), int(port))
         except OSError as e:
             raise ConfigError(f"rpc_servers: cannot reach the rpc-server at {ep} ({e}); start one there with "
                               "`minicache-gguf rpc-server --host 0.0.0.0 --port PORT`") from None
+        except ValueError:
+            raise ConfigError(f"rpc_servers: {ep} does not answer as a llama.cpp rpc-server (no RPC HELLO reply "
+                              "within 5 s): is it the right port?") from None
+        if major != RPC_PROTO_MAJOR:
+            raise ConfigError(f"rpc_servers: the rpc-server at {ep} speaks RPC protocol {major}.{minor}, this engine "
+                              f"{RPC_PROTO_MAJOR}.x: run the rpc-server of the same llama.cpp (`minicache-gguf rpc-server`)")
         server_reg = add(ep.encode())
         if server_reg == engine.ggml_ffi.NULL:
             raise ConfigError(f"rpc_servers: the rpc-server at {ep} offers no device")
