@@ -9,6 +9,7 @@
 #include "llama-model.h"
 
 #include "ggml-backend.h"
+#include "ggml-cpp.h"
 
 #ifdef LLAMA_MINICACHE
 #include "minicache.h"
@@ -1169,7 +1170,8 @@ void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merg
             continue;
         }
         ggml_init_params ip0 = { ggml_tensor_overhead()*(256*mine.size() + 16) + ggml_graph_overhead_custom(256*mine.size(), false), nullptr, true };
-        ggml_context * ctx = ggml_init(ip0);
+        ggml_context_ptr ctx_ptr(ggml_init(ip0)); // freed on every path out, errors included
+        ggml_context * ctx = ctx_ptr.get();
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, 256*mine.size(), false);
         std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> inputs;
         // the pools of one row width share the merge's ops (their rows side by side): while decoding
@@ -1183,7 +1185,6 @@ void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merg
                 for (int64_t i = 0; i < n; ++i) {
                     const uint32_t c = cells_to_merge[i];
                     if (p.slot_of_cell[c] < 0) {
-                        ggml_free(ctx);
                         throw std::runtime_error(format("cell %u is staged without an exact slot", c));
                     }
                     slots[k][i] = p.slot_of_cell[c];
@@ -1197,15 +1198,9 @@ void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merg
         }
         ggml_set_output(out);
         ggml_build_forward_expand(gf, out);
-        try {
-            compute(ib, gf, inputs);
-        } catch (...) {
-            ggml_free(ctx);
-            throw;
-        }
+        compute(ib, gf, inputs);
         std::vector<float> buf(ggml_nelements(out));
         ggml_backend_tensor_get(out, buf.data(), 0, ggml_nbytes(out));
-        ggml_free(ctx);
         size_t off = 0;
         for (const auto & g : groups) {
             const int64_t nn = n*(int64_t) g.size();
@@ -1546,7 +1541,8 @@ void llama_kv_minicache::flush() {
         for (size_t ib = 0; ib < backends.size(); ++ib) {
             const size_t n_graph = 64 + 256*pools.size();
             ggml_init_params ip0 = { ggml_tensor_overhead()*n_graph + ggml_graph_overhead_custom(n_graph, false), nullptr, true };
-            ggml_context * ctx = ggml_init(ip0);
+            ggml_context_ptr ctx_ptr(ggml_init(ip0));
+            ggml_context * ctx = ctx_ptr.get();
             ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_graph, false);
             std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> inputs;
 
@@ -1612,14 +1608,8 @@ void llama_kv_minicache::flush() {
             }
 
             if (ggml_graph_n_nodes(gf) > 0) {
-                try {
-                    compute(ib, gf, inputs);
-                } catch (...) {
-                    ggml_free(ctx);
-                    throw;
-                }
+                compute(ib, gf, inputs);
             }
-            ggml_free(ctx);
         }
     }
 
