@@ -20,7 +20,7 @@ from .config import ALIGNMENT_FORMS, PairSpec
 
 FORMS = ALIGNMENT_FORMS
 
-__all__ = ["FORMS", "fit_rotation", "fit_all", "full_matrix", "cosine", "simulate_merge"]
+__all__ = ["FORMS", "fit_rotation", "fit_all", "full_matrix", "cosine", "simulate_merge", "merge_pair", "CacheSim", "hadamard"]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -72,12 +72,97 @@ def cosine(x0: np.ndarray, x1: np.ndarray, n_head_kv: int = 1) -> np.ndarray:
     return c[:, 0] if n_head_kv == 1 else c
 
 
+def hadamard(n: int) -> np.ndarray:
+    """llama.cpp's orthonormal Walsh-Hadamard matrix of size n (Sylvester order, symmetric)."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+class CacheSim:
+    """The values a KV cache of given types holds, in NumPy, for scoring on a float32 cache:
+    f16 rows round to f16; block-quantized rows (q8_0, q4_0) are quantized as llama.cpp stores
+    them: in its Hadamard basis (attn_rot: K in blocks of the largest power of two >= 64 dividing
+    the head width, V in blocks of 64, when the head width is a multiple of 64), with the CPU
+    backend's rounding (reference.quantize). A merged direction is stored the same way."""
+
+    #: the cache types it simulates
+    TYPES = ("f16", "f32") + tuple(reference.QUANT_TYPES)
+
+    @classmethod
+    def supports(cls, type_name: str) -> bool:
+        return type_name in cls.TYPES
+
+    def __init__(self, type_k: str, type_v: str, head_k: int, head_v: int):
+        self.types = {"k": type_k, "v": type_v}
+        for kind, ty in self.types.items():
+            if ty not in self.TYPES:
+                raise ValueError(f"type_{kind}={ty!r}: calibrating for this cache type is not supported: expected "
+                                 f"one of {', '.join(self.TYPES)}")
+        blk_k = 64 if head_k % 64 == 0 else 0
+        while blk_k and head_k % (2 * blk_k) == 0:
+            blk_k *= 2
+        self.block = {"k": blk_k if type_k in reference.QUANT_TYPES else 0,
+                      "v": 64 if type_v in reference.QUANT_TYPES and head_v % 64 == 0 else 0}
+
+    @property
+    def plain(self) -> bool:
+        """An f16 cache: scored as it is (no simulation)."""
+        return self.types == {"k": "f16", "v": "f16"}
+
+    def _basis(self, kind: str, x: np.ndarray) -> np.ndarray:
+        b = self.block[kind]
+        if not b:
+            return x
+        n, d = x.shape
+        return (x.reshape(n, d // b, b) @ hadamard(b)).reshape(n, d)
+
+    def stored(self, kind: str, x: np.ndarray) -> np.ndarray:
+        """Rows [n, d] as the cache holds them, read back as float32."""
+        ty = self.types[kind]
+        x = np.asarray(x, dtype=np.float32)
+        if ty == "f32":
+            return x
+        if ty == "f16":
+            return x.astype(np.float16).astype(np.float32)
+        y = self._basis(kind, x.astype(np.float64)).astype(np.float32)
+        yq = reference.dequantize(reference.quantize(y, ty), ty, x.shape[1]).astype(np.float64)
+        return self._basis(kind, yq).astype(np.float32)
+
+    def stock(self, st: kvstate.SeqState) -> kvstate.SeqState:
+        """A float32 copy of a captured state holding what the stock cache of these types holds."""
+        return kvstate.SeqState(st.seq_id, st.pos, st.seq_ids, st.v_trans,
+                                [self.stored("k", x) for x in st.k], [self.stored("v", x) for x in st.v])
+
+
+def merge_pair(st: kvstate.SeqState, q: PairSpec, t: float, gamma: float, window: int, retention: str = "topk",
+               sim: Optional[CacheSim] = None) -> tuple:
+    """The rows of layers q.layer and q.layer + 1 (kind q.kind) that the merged engine restores for
+    the cells older than the window: dir * norm (* R^T), the most distinct gamma fraction exact.
+    sim: the cache types of a float32 state made by CacheSim.stock (the direction is stored as that
+    type stores rows); None for a state of f16/f32 rows."""
+    rows = st.k if q.kind == "k" else st.v
+    a, b = q.layer, q.layer + 1
+    n_m = max(0, st.n_cells - window)
+    rot = full_matrix(q.form, q.r)
+    x0, x1 = rows[a][:n_m], rows[b][:n_m]
+    m = reference.merge(x0, x1, t, rot=rot, out_dtype=rows[a].dtype if sim is None else np.float32)
+    d = m.dir if sim is None else sim.stored(q.kind, m.dir)
+    keep = reference.retain_select(m.dist, gamma, retention)
+    r0 = reference.restore(d, m.norm0, rot=rot, out_dtype=rows[a].dtype)
+    r1 = reference.restore(d, m.norm1, out_dtype=rows[b].dtype)
+    r0[keep], r1[keep] = x0[keep], x1[keep]
+    return r0, r1
+
+
 def simulate_merge(st: kvstate.SeqState, pairs: list[PairSpec], t: float, gamma: float, window: int,
-                   retention: str = "topk") -> kvstate.SeqState:
+                   retention: str = "topk", sim: Optional[CacheSim] = None,
+                   cache: Optional[dict] = None) -> kvstate.SeqState:
     """A copy of a stock KV state in which the cells older than the window of each listed
-    (pair, kind) hold what the merged engine restores: dir * norm (* R^T), the most distinct
-    gamma fraction kept exact."""
-    # the untouched layers are shared with st (calibration simulates ~100 selections per run)
+    (pair, kind) hold what the merged engine restores (merge_pair). cache: (kind, layer) -> the
+    pair's merged rows, filled and reused (a pair's rows do not depend on the other pairs)."""
+    # the untouched layers are shared with st (calibration simulates many selections per run)
     out = kvstate.SeqState(st.seq_id, st.pos, st.seq_ids, st.v_trans, list(st.k), list(st.v))
     n_m = max(0, st.n_cells - window)
     if n_m == 0:
@@ -85,15 +170,13 @@ def simulate_merge(st: kvstate.SeqState, pairs: list[PairSpec], t: float, gamma:
     for q in pairs:
         rows = out.k if q.kind == "k" else out.v
         a, b = q.layer, q.layer + 1
+        got = None if cache is None else cache.get((q.kind, q.layer))
+        if got is None:
+            got = merge_pair(st, q, t, gamma, window, retention, sim)
+            if cache is not None:
+                cache[q.kind, q.layer] = got
         rows[a], rows[b] = rows[a].copy(), rows[b].copy()
-        rot = full_matrix(q.form, q.r)
-        x0, x1 = rows[a][:n_m], rows[b][:n_m]
-        m = reference.merge(x0, x1, t, rot=rot, out_dtype=rows[a].dtype)
-        keep = reference.retain_select(m.dist, gamma, retention)
-        r0 = reference.restore(m.dir, m.norm0, rot=rot, out_dtype=rows[a].dtype)
-        r1 = reference.restore(m.dir, m.norm1, out_dtype=rows[b].dtype)
-        r0[keep], r1[keep] = x0[keep], x1[keep]
-        rows[a][:n_m], rows[b][:n_m] = r0, r1
+        rows[a][:n_m], rows[b][:n_m] = got
     return out
 
 

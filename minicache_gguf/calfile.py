@@ -29,7 +29,8 @@ FORMS = ALIGNMENT_FORMS
 #: calibrations shipped with the package (found by calibration="auto" before calibrating)
 SHIPPED_DIR = Path(__file__).resolve().parent / "calibrations"
 
-__all__ = ["Calibration", "CalibrationError", "load_calibration", "auto_name", "auto_path", "find_auto",
+__all__ = ["Calibration", "CalibrationError", "load_calibration", "auto_name", "auto_path", "find_auto", "find_base",
+           "type_tag", "rotations_name", "save_rotations", "load_rotations", "find_rotations",
            "FORMAT_VERSION", "GGUF_ARCH", "SHIPPED_DIR"]
 
 
@@ -57,6 +58,10 @@ class Calibration:
                 + (f"budget {self.settings.get('max_kld')})" if self.settings.get("layout") is None
                    else f"fixed layout from layer {self.settings['layout']})"))
 
+    def types(self) -> tuple:
+        """The (K, V) cache types the selection was scored on."""
+        return self.settings.get("type_k", "f16"), self.settings.get("type_v", "f16")
+
     def selection(self, cfg: MergeConfig) -> list[PairSpec]:
         """The pairs a MergeConfig merges from this calibration: filtered by merge_k / merge_v /
         start_layer; a ConfigError when nothing is left."""
@@ -77,13 +82,7 @@ class Calibration:
         m = self.model
         w.add_uint32("minicache.format_version", FORMAT_VERSION)
         w.add_string("minicache.tool_version", self.tool_version)
-        w.add_string("minicache.model.sha256", m.sha256)
-        w.add_string("minicache.model.architecture", m.arch)
-        w.add_string("minicache.model.name", m.name)
-        w.add_uint32("minicache.model.n_layer", m.n_layer)
-        w.add_uint32("minicache.model.n_head_kv", m.n_head_kv)
-        w.add_uint32("minicache.model.n_embd_k", m.n_embd_k)
-        w.add_uint32("minicache.model.n_embd_v", m.n_embd_v)
+        _write_model(w, m)
         w.add_string("minicache.form", self.form)
         w.add_uint32("minicache.calibration.n_tokens", self.n_tokens)
         w.add_string("minicache.calibration.settings", json.dumps(self.settings, sort_keys=True))
@@ -108,6 +107,53 @@ class Calibration:
         os.replace(tmp, path)
         self.path = path
         return path
+
+
+def _write_model(w, m: ModelInfo) -> None:
+    w.add_string("minicache.model.sha256", m.sha256)
+    w.add_string("minicache.model.architecture", m.arch)
+    w.add_string("minicache.model.name", m.name)
+    w.add_uint32("minicache.model.n_layer", m.n_layer)
+    w.add_uint32("minicache.model.n_head_kv", m.n_head_kv)
+    w.add_uint32("minicache.model.n_embd_k", m.n_embd_k)
+    w.add_uint32("minicache.model.n_embd_v", m.n_embd_v)
+
+
+def _read_model(reader, path, model: Optional[ModelInfo]) -> ModelInfo:
+    """The model identity a file records; with `model`, refuse a file made for another model."""
+    info = ModelInfo(
+        sha256=_field(reader, "minicache.model.sha256", path), arch=_field(reader, "minicache.model.architecture", path),
+        name=_field(reader, "minicache.model.name", path), n_layer=int(_field(reader, "minicache.model.n_layer", path)),
+        n_head_kv=int(_field(reader, "minicache.model.n_head_kv", path)),
+        n_embd_k=int(_field(reader, "minicache.model.n_embd_k", path)), n_embd_v=int(_field(reader, "minicache.model.n_embd_v", path)))
+    if model is not None:
+        if info.sha256 != model.sha256:
+            raise CalibrationError(
+                f"{path} was made for another model ({info.name!r}, {info.arch}, sha256 {info.sha256[:12]}…); "
+                f"this model is {model.name!r} ({model.arch}, sha256 {model.sha256[:12]}…): calibrate this model "
+                "(`minicache-gguf calibrate MODEL`) or use calibration='auto'")
+        mine = (model.arch, model.n_layer, model.n_head_kv, model.n_embd_k, model.n_embd_v)
+        theirs = (info.arch, info.n_layer, info.n_head_kv, info.n_embd_k, info.n_embd_v)
+        if mine != theirs:
+            raise CalibrationError(f"{path}: its shape (arch, layers, KV heads, K width, V width) {theirs} "
+                                   f"does not match the model's {mine}")
+    return info
+
+
+def _rot_shape(info: ModelInfo, kind: str, form: str) -> tuple:
+    d = info.width(kind)
+    return (d, d) if form == "full" else (info.n_head_kv, d // info.n_head_kv, d // info.n_head_kv)
+
+
+def _check_rotation(r: np.ndarray, form: str, kind: str, layer: int, path) -> None:
+    if not np.isfinite(r).all():
+        raise CalibrationError(f"{path}: rotation of {kind.upper()} pair ({layer}, {layer + 1}) holds "
+                               "non-finite values (NaN or Inf)")
+    blocks = r[None] if form == "full" else r
+    err = max(float(np.abs(b @ b.T - np.eye(b.shape[0])).max()) for b in blocks)
+    if not np.isfinite(err) or err > 1e-3:
+        raise CalibrationError(f"{path}: rotation of {kind.upper()} pair ({layer}, {layer + 1}) is not "
+                               f"orthogonal (max |R R^T - I| = {err:.3g})")
 
 
 def _field(reader, key: str, path):
@@ -147,22 +193,7 @@ def _read_calibration(reader, path: Path, model: Optional[ModelInfo]) -> Calibra
     if ver != FORMAT_VERSION:
         raise CalibrationError(f"{path}: calibration format version {ver}; this minicache-gguf reads version "
                                f"{FORMAT_VERSION}: calibrate again")
-    info = ModelInfo(
-        sha256=_field(reader, "minicache.model.sha256", path), arch=_field(reader, "minicache.model.architecture", path),
-        name=_field(reader, "minicache.model.name", path), n_layer=int(_field(reader, "minicache.model.n_layer", path)),
-        n_head_kv=int(_field(reader, "minicache.model.n_head_kv", path)),
-        n_embd_k=int(_field(reader, "minicache.model.n_embd_k", path)), n_embd_v=int(_field(reader, "minicache.model.n_embd_v", path)))
-    if model is not None:
-        if info.sha256 != model.sha256:
-            raise CalibrationError(
-                f"{path} was made for another model ({info.name!r}, {info.arch}, sha256 {info.sha256[:12]}…); "
-                f"this model is {model.name!r} ({model.arch}, sha256 {model.sha256[:12]}…): calibrate this model "
-                "(`minicache-gguf calibrate MODEL -o FILE`) or use calibration='auto'")
-        mine = (model.arch, model.n_layer, model.n_head_kv, model.n_embd_k, model.n_embd_v)
-        theirs = (info.arch, info.n_layer, info.n_head_kv, info.n_embd_k, info.n_embd_v)
-        if mine != theirs:
-            raise CalibrationError(f"{path}: its shape (arch, layers, KV heads, K width, V width) {theirs} "
-                                   f"does not match the model's {mine}")
+    info = _read_model(reader, path, model)
     form = _field(reader, "minicache.form", path)
     if form not in FORMS:
         raise CalibrationError(f"{path}: form {form!r} is not valid: expected one of {FORMS}")
@@ -194,14 +225,7 @@ def _read_calibration(reader, path: Path, model: Optional[ModelInfo]) -> Calibra
         raise CalibrationError(f"{path}: the rotations do not match their recorded sha256: the file is damaged "
                                "or was edited — calibrate again")
     for q in pairs:
-        if not np.isfinite(q.r).all():
-            raise CalibrationError(f"{path}: rotation of {q.kind.upper()} pair ({q.layer}, {q.layer + 1}) holds "
-                                   "non-finite values (NaN or Inf)")
-        blocks = q.r[None] if form == "full" else q.r
-        err = max(float(np.abs(b @ b.T - np.eye(b.shape[0])).max()) for b in blocks)
-        if not np.isfinite(err) or err > 1e-3:
-            raise CalibrationError(f"{path}: rotation of {q.kind.upper()} pair ({q.layer}, {q.layer + 1}) is not "
-                                   f"orthogonal (max |R R^T - I| = {err:.3g})")
+        _check_rotation(q.r, form, q.kind, q.layer, path)
     cost = {}
     for kind in "kv":
         f = reader.fields.get(f"minicache.cost.{kind}")
@@ -214,21 +238,135 @@ def _read_calibration(reader, path: Path, model: Optional[ModelInfo]) -> Calibra
                        tool_version=_field(reader, "minicache.tool_version", path), path=path)
 
 
-def auto_name(sha256: str, cfg: MergeConfig) -> str:
-    """The file name of the "auto" calibration of a model for a MergeConfig: the settings that
-    shape a calibration (alignment form, t, gamma, window, KLD budget, scoring context) are part of it."""
+def type_tag(type_k: str = "f16", type_v: str = "f16") -> str:
+    """The KV cache types in a calibration's name: "" for f16 (the names before types were part of
+    them), "-q4_0" for one type, "-kq8_0-vq4_0" for two."""
+    if (type_k, type_v) == ("f16", "f16"):
+        return ""
+    return f"-{type_k}" if type_k == type_v else f"-k{type_k}-v{type_v}"
+
+
+def auto_name(sha256: str, cfg: MergeConfig, type_k: str = "f16", type_v: str = "f16") -> str:
+    """The file name of the "auto" calibration of a model for a MergeConfig and KV cache types: the
+    settings that shape a selection (alignment form, t, gamma, window, KLD budget, scoring context,
+    cache types) are part of it."""
     tag = f"{cfg.alignment}-t{cfg.t:g}-g{cfg.gamma:g}-w{cfg.window}-kld{cfg.max_kld:g}-c{cfg.calibration_ctx}"
-    return f"{sha256[:16]}-{tag}.gguf"
+    return f"{sha256[:16]}-{tag}{type_tag(type_k, type_v)}.gguf"
 
 
-def auto_path(info: ModelInfo, cfg: MergeConfig) -> Path:
-    """Where calibration="auto" caches the calibration it makes for this model and config."""
-    return cache_dir() / "calibration" / auto_name(info.sha256, cfg)
+def auto_path(info: ModelInfo, cfg: MergeConfig, type_k: str = "f16", type_v: str = "f16") -> Path:
+    """Where calibration="auto" caches the calibration it makes for this model, config and cache types."""
+    return cache_dir() / "calibration" / auto_name(info.sha256, cfg, type_k, type_v)
 
 
-def find_auto(info: ModelInfo, cfg: MergeConfig) -> Optional[Path]:
-    """An existing "auto" calibration for this model and config: shipped first, then cached."""
-    for p in (SHIPPED_DIR / auto_name(info.sha256, cfg), auto_path(info, cfg)):
-        if p.is_file():
-            return p
+def _dirs() -> list:
+    return [SHIPPED_DIR, cache_dir() / "calibration"]
+
+
+def find_auto(info: ModelInfo, cfg: MergeConfig, type_k: str = "f16", type_v: str = "f16") -> Optional[Path]:
+    """An existing "auto" calibration for this model, config and cache types: shipped first, then cached."""
+    name = auto_name(info.sha256, cfg, type_k, type_v)
+    for d in _dirs():
+        if (d / name).is_file():
+            return d / name
     return None
+
+
+def find_base(info: ModelInfo, form: str, type_k: str = "f16", type_v: str = "f16") -> Optional[Calibration]:
+    """A loadable calibration of this model and rotation form made for any other settings (shipped
+    first, then cached; one for the same cache types first): the selection a re-scoring starts from."""
+    cals = []
+    for d in _dirs():
+        for p in sorted(d.glob(f"{info.sha256[:16]}-{form}-t*.gguf")):
+            try:
+                cals.append(load_calibration(p, info))
+            except CalibrationError:
+                continue
+    cals.sort(key=lambda c: c.types() != (type_k, type_v))
+    return cals[0] if cals else None
+
+
+# ---------------------------------------------------------------------------------------------
+# rotation sets: every adjacent pair's rotation of a model (fitted once, reused by every selection)
+# ---------------------------------------------------------------------------------------------
+
+ROTATIONS_ARCH = "minicache-rotations"
+
+
+def rotations_name(sha256: str, form: str) -> str:
+    return f"{sha256[:16]}-rotations-{form}.gguf"
+
+
+def save_rotations(path, model: ModelInfo, form: str, rots: dict, n_tokens: int) -> Path:
+    """Write every (kind, layer) -> R of a model (a GGUF of architecture minicache-rotations)."""
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), ROTATIONS_ARCH)
+    w.add_uint32("minicache.format_version", FORMAT_VERSION)
+    _write_model(w, model)
+    w.add_string("minicache.form", form)
+    w.add_uint32("minicache.calibration.n_tokens", n_tokens)
+    digest = hashlib.sha256()
+    for (kind, layer), r in sorted(rots.items()):
+        r = np.ascontiguousarray(r, dtype=np.float32)
+        digest.update(f"{kind}{layer}".encode())
+        digest.update(r.tobytes())
+        w.add_tensor(f"rot.{kind}.{layer}", r)
+    w.add_string("minicache.rotations.sha256", digest.hexdigest())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def find_rotations(info: ModelInfo, form: str) -> Optional[dict]:
+    """The model's rotation set of this form (shipped first, then cached), verified; None if there is
+    none or it is unusable."""
+    for d in _dirs():
+        p = d / rotations_name(info.sha256, form)
+        if p.is_file():
+            try:
+                return load_rotations(p, info, form)
+            except CalibrationError:
+                continue
+    return None
+
+
+def load_rotations(path, model: ModelInfo, form: str) -> dict:
+    """(kind, layer) -> R of a rotation set file, verified like a calibration's rotations."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise CalibrationError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    try:
+        if _field(reader, "general.architecture", path) != ROTATIONS_ARCH:
+            raise CalibrationError(f"{path}: not a MiniCache rotation set ({ROTATIONS_ARCH!r})")
+        info = _read_model(reader, path, model)
+        if _field(reader, "minicache.form", path) != form:
+            raise CalibrationError(f"{path}: rotations of another form (expected {form!r})")
+        out, digest = {}, hashlib.sha256()
+        for t in reader.tensors:
+            _, kind, layer = t.name.split(".")
+            layer = int(layer)
+            r = np.array(t.data, dtype=np.float32).reshape(_rot_shape(info, kind, form))
+            digest.update(f"{kind}{layer}".encode())
+            digest.update(r.tobytes())
+            _check_rotation(r, form, kind, layer, path)
+            out[kind, layer] = r
+        if digest.hexdigest() != _field(reader, "minicache.rotations.sha256", path):
+            raise CalibrationError(f"{path}: the rotations do not match their recorded sha256")
+        if set(out) != {(k, a) for k in "kv" for a in range(info.n_layer - 1)}:
+            raise CalibrationError(f"{path}: not every adjacent pair has a rotation")
+        return out
+    except CalibrationError:
+        raise
+    except Exception as e:
+        raise CalibrationError(f"{path}: damaged rotation set ({type(e).__name__}: {e})") from None

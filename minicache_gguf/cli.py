@@ -151,28 +151,28 @@ def _text(args):
 
 def _cmd_chat(args) -> int:
     from . import chat
-    from .calfile import find_auto
+    from .calibrate import default_merge
     from .llama import Llama
-    from .model import ModelInfo
 
     model = _model(args)
     cfg = merge_config(args, ("calibration", "window"))
-    why = ""
-    if cfg.calibration is None and not args.no_kv_merge:
-        # merging is on by default where a calibration for this model exists (shipped or cached)
-        found = find_auto(ModelInfo.of(model), dataclasses.replace(cfg, calibration="auto"))
-        if found is not None:
-            cfg = dataclasses.replace(cfg, calibration=str(found))
-        else:
-            why = " (no calibration for this model yet: --calibration auto makes one)"
-    kv_merge = False if args.no_kv_merge or cfg.calibration is None else cfg
-    llm = Llama(model, n_ctx=args.n_ctx, seed=args.seed, verbose=args.verbose, kv_merge=kv_merge, **cache_kwargs(args))
     tk, tv = args.cache_type_k or "f16", args.cache_type_v or "f16"
-    types = tk if tk == tv else f"K {tk} / V {tv}"
-    if kv_merge:
-        describe = f"MiniCache aligned merging on: {llm.calibration.describe()}; cache type {types}"
+    why = ""
+    if args.no_kv_merge:
+        kv_merge = False
+    elif args.calibration is not None:
+        kv_merge = cfg  # asked for by name (a file, 'auto' or 'paper'): as Llama(kv_merge=...) takes it
     else:
-        describe = f"{types}, merging off" + ("" if args.no_kv_merge else why)
+        # on by default where a calibration of this model, cache type and settings exists
+        kv_merge, why = default_merge(model, cfg, tk, tv)
+    llm = Llama(model, n_ctx=args.n_ctx, seed=args.seed, verbose=args.verbose, kv_merge=kv_merge, **cache_kwargs(args))
+    types = tk if tk == tv else f"K {tk} / V {tv}"
+    if kv_merge and llm.calibration is not None:
+        describe = f"MiniCache aligned merging on: {llm.calibration.describe()}; cache type {types}"
+    elif kv_merge:
+        describe = f"MiniCache paper merging on (uncalibrated, asked for by name); cache type {types}"
+    else:
+        describe = f"{types}, merging off" + ("" if args.no_kv_merge else f" ({why.removeprefix('merging off: ')})")
     sess = chat.Session(llm, describe, temperature=args.temp, max_tokens=args.max_tokens, system=args.system or "")
     sess.reset()
     if args.prompt is not None:
@@ -217,16 +217,18 @@ def _ctx_list(text: str) -> list[int]:
 
 
 def _auto_calibrations(args, model, forms, window=MergeConfig.window) -> dict:
-    """form -> calibration file of --calibration-<form> (a file, 'auto' or 'none')."""
-    from .calibrate import auto_calibration
+    """form -> calibration file of --calibration-<form> (a file, 'auto' or 'none'); 'auto' is
+    resolved as kv_merge=True resolves it, for the cache types of the run's merge rows."""
+    from .calibrate import resolve
 
+    tk, tv = args.cache_type_k or "f16", args.cache_type_v or "f16"
     out = {}
     for form in forms:
         f = getattr(args, f"calibration_{form}")
         if f == "none":
             continue
         if f == "auto":
-            f = auto_calibration(model, MergeConfig(alignment=form, window=window), progress=not args.no_progress).path
+            f = resolve(MergeConfig(alignment=form, window=window), model, tk, tv, progress=not args.no_progress).path
         out[form] = f
     return out
 
@@ -237,7 +239,7 @@ def _cmd_bench(args) -> int:
     ctxs = _ctx_list(args.ctx)
     names = args.modes.split(",") if args.modes else None
     # validates the names (and that a quantized V runs with flash attention) before any work
-    bench.check_flash_attn(bench.modes({"head": None, "full": None}, names, type_k=args.cache_type_k, type_v=args.cache_type_v),
+    bench.check_flash_attn(bench.modes({"head": "auto", "full": "auto"}, names, type_k=args.cache_type_k, type_v=args.cache_type_v),
                            args.flash_attn == "on")
     model = _model(args)
     forms = [f for f in ("head", "full") if any(f"aligned-{f}" in n for n in names or BENCH_MODES)]
@@ -259,15 +261,41 @@ def _cmd_analyze(args) -> int:
 
 def _cmd_calibrate(args) -> int:
     from . import calibrate
+    from .calfile import find_base, find_rotations
+    from .model import ModelInfo
 
-    cal = calibrate.calibrate(_model(args), form=args.form, max_kld=args.max_kld, t=args.t, gamma=args.gamma,
-                                window=args.window, fit_tokens=args.tokens, n_ctx=args.n_ctx, scored=args.scored,
-                                text=_text(args), domains=args.domains.split(","), retrieval=not args.no_retrieval,
-                                layout=args.layout, kinds=args.kinds, progress=not args.no_progress)
-    path = cal.save(args.output)
-    print(f"{path}: {cal.describe()}")
-    print(f"use it: Llama(kv_merge=MergeConfig(calibration={str(path)!r}))  |  minicache-gguf generate --kv-merge "
-          f"--calibration {path} -p ...")
+    model = _model(args)
+    tk, tv = args.cache_type_k or "f16", args.cache_type_v or "f16"
+    custom = [flag for flag, on in (("--text", args.text), ("--layout", args.layout is not None),
+                                    ("--kinds", args.kinds != "kv"), ("--domains", args.domains != ",".join(CAL_DOMAINS)),
+                                    ("--no-retrieval", args.no_retrieval), ("--tokens", args.tokens != calibrate.DEFAULT_FIT_TOKENS),
+                                    ("--scored", args.scored != DEFAULT_SCORED)) if on]
+    if args.output is None and custom:
+        raise ConfigError(f"calibrate: {', '.join(custom)} make a calibration kv_merge=True does not pick by itself: "
+                          "name the file to write with -o FILE (and pass it as --calibration FILE)")
+    cfg = MergeConfig(alignment=args.form, t=args.t, gamma=args.gamma, window=args.window, max_kld=args.max_kld,
+                      calibration_ctx=args.n_ctx)
+    # rotations are fitted once per model and a selection re-scored from the model's existing one
+    # (its ranking reused), unless --fresh or the user's text
+    info = ModelInfo.of(model)
+    rots = None if args.text or args.fresh else find_rotations(info, args.form)
+    base = find_base(info, args.form, tk, tv) if rots is not None and not custom else None
+    cal = calibrate.calibrate(model, form=args.form, max_kld=args.max_kld, t=args.t, gamma=args.gamma,
+                              window=args.window, fit_tokens=args.tokens, n_ctx=args.n_ctx, scored=args.scored,
+                              text=_text(args), domains=args.domains.split(","), retrieval=not args.no_retrieval,
+                              layout=args.layout, kinds=args.kinds, type_k=tk, type_v=tv, rotations=rots,
+                              start=[(q.kind, q.layer) for q in base.pairs] if base else None,
+                              ranking=base.cost if base else None, progress=not args.no_progress)
+    if args.output is None:
+        path = calibrate.save_auto(cal, cfg)
+        print(f"{path}: {cal.describe()}")
+        print("kv_merge=True (and --kv-merge, chat, serve) now use it for this model, cache type and settings")
+    else:
+        path = cal.save(args.output)
+        calibrate.save_rotation_set(cal)
+        print(f"{path}: {cal.describe()}")
+        print(f"use it: Llama(kv_merge=MergeConfig(calibration={str(path)!r}))  |  minicache-gguf generate --kv-merge "
+              f"--calibration {path} -p ...")
     return 0
 
 
@@ -277,7 +305,7 @@ def _cmd_eval(args) -> int:
     ctxs = _ctx_list(args.ctx)
     names = args.rows.split(",") if args.rows else None
     forms = [f for f in ("head", "full") if getattr(args, f"calibration_{f}") != "none"]
-    evaluate.default_rows(args.window, {f: None for f in forms}, names, t=args.t, gamma=args.gamma)  # validates first
+    evaluate.default_rows(args.window, {f: "auto" for f in forms}, names, t=args.t, gamma=args.gamma)  # validates first
     from . import corpus
 
     labels = (args.text or "builtin:docs").split(",")
@@ -419,11 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("calibrate", help="fit per-pair rotations and select what to merge under a KLD budget",
-                       epilog="examples:\n  minicache-gguf calibrate -o smollm2-head.gguf\n"
+                       epilog="examples:\n  minicache-gguf calibrate -m model.gguf        kv_merge=True then uses it\n"
+                              "  minicache-gguf calibrate -m model.gguf -ctk q4_0 -ctv q4_0   for a q4_0 cache\n"
                               "  minicache-gguf calibrate -m model.gguf --form full --max-kld 0.05 -o model-full.gguf",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     common(p, 2048, "UTF-8 text file to fit and score on instead of the built-in domains (--domains)")
-    p.add_argument("-o", "--output", required=True, help="calibration file to write (GGUF)")
+    p.add_argument("-o", "--output", default=None,
+                   help="calibration file to write (GGUF); default: the cache where kv_merge=True finds it")
+    add_cache_type_arguments(p, " the selection is scored on (the cache you will run)")
+    p.add_argument("--fresh", action="store_true",
+                   help="fit rotations and rank candidates anew (default: reuse the model's rotation set and re-score "
+                        "its existing calibration, where there is one)")
     p.add_argument("--form", default=MergeConfig.alignment, choices=("head", "full"),
                    help="rotation per KV head (default: folds into attention for free) or over whole rows")
     p.add_argument("--max-kld", type=float, default=MergeConfig.max_kld,

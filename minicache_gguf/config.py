@@ -16,7 +16,7 @@ import numpy as np
 from .reference import RETENTION_MODES
 
 __all__ = ["MergeConfig", "ConfigError", "CalibrationError", "PairSpec", "KvMode", "kv_modes", "GGML_TYPES",
-           "QUANTIZED_TYPES", "TYPE_BLOCKS", "row_bytes", "cache_type", "type_name", "ALIGNMENT_FORMS", "DEFAULT_MAX_KLD", "DEFAULT_SCORED"]
+           "QUANTIZED_TYPES", "TYPE_BLOCKS", "CALIBRATION_NAMES", "row_bytes", "cache_type", "type_name", "ALIGNMENT_FORMS", "DEFAULT_MAX_KLD", "DEFAULT_SCORED"]
 
 #: rotation forms of aligned merging: one R per KV head (folds into attention at no extra cost),
 #: or one R over whole rows (a bit better, 3x the merged layer's attention work when decoding)
@@ -26,6 +26,8 @@ ALIGNMENT_FORMS = ("head", "full")
 DEFAULT_MAX_KLD = 0.02
 #: tokens calibration scores per held-out text and per retrieval probe
 DEFAULT_SCORED = 128
+#: the named values of MergeConfig.calibration (anything else is a calibration file)
+CALIBRATION_NAMES = ("auto", "paper")
 
 
 class ConfigError(ValueError):
@@ -100,11 +102,12 @@ def _is_real(v) -> bool:
 class MergeConfig:
     """How the KV cache merges adjacent layer pairs.
 
-    Without calibration (the paper's merge), layers S, S+1, ... are merged in pairs (S, S+1),
-    (S+2, S+3), ...; an unpaired last layer and the layers below S stay ordinary. With a
-    calibration (a file from `minicache-gguf calibrate`, or "auto": calibrated on first use and
-    cached per model), the merged (pair, K/V) list and each pair's rotation come from it;
-    merge_k / merge_v / start_layer then only filter that list. Per merged pair and per token the
+    With a calibration (the default "auto": the one shipped or cached for the model and its KV
+    cache type; or a file from `minicache-gguf calibrate`), the merged (pair, K/V) list and each
+    pair's rotation come from it; merge_k / merge_v / start_layer then only filter that list. With
+    calibration="paper" (the paper's uncalibrated merge, asked for by name), layers S, S+1, ... are
+    merged in pairs (S, S+1), (S+2, S+3), ...; an unpaired last layer and the layers below S stay
+    ordinary. Per merged pair and per token the
     cache keeps one shared direction (SLERP of the two unit rows) plus each layer's norm; the
     `window` most recent tokens and the `gamma` most distinct merged pairs are kept exact.
     """
@@ -121,9 +124,12 @@ class MergeConfig:
     merge_k: bool = field(default=True, metadata={"help": "merge the K cache"})
     #: merge the V cache of each pair
     merge_v: bool = field(default=True, metadata={"help": "merge the V cache"})
-    #: None (paper-faithful, no alignment), a calibration file path, or "auto"
-    calibration: Optional[Union[str, Path]] = field(
-        default=None, metadata={"help": "calibration file, or 'auto' (the shipped or cached one for the model, else calibrate once)"})
+    #: "auto" (the shipped or cached calibration of the model for its KV cache type, re-scored
+    #: from one made for other settings where needed; refused with the time a calibration takes when
+    #: the model has none), a calibration file path, or "paper" (the paper's uncalibrated merge)
+    calibration: Union[str, Path] = field(
+        default="auto", metadata={"help": "'auto' (the shipped or cached calibration of the model and cache type), "
+                                          "a calibration file, or 'paper' (the paper's uncalibrated merge)"})
     #: retention rule: "topk" (bounded, default) or "threshold" (the paper's Eq. 4)
     retention: str = field(default="topk", metadata={"help": "retention rule: topk or threshold"})
     #: calibration="auto" only: rotation form ("head" or "full") and quality budget (KLD)
@@ -157,11 +163,18 @@ class MergeConfig:
         if not (_is_int(self.calibration_ctx) and self.calibration_ctx >= 256):
             raise ConfigError(f"calibration_ctx={self.calibration_ctx!r} is not valid: expected an integer >= 256 (tokens)")
         cal = self.calibration
-        if cal is not None and cal != "auto":
-            if not isinstance(cal, (str, Path)):
-                raise ConfigError(f"calibration={cal!r} is not valid: expected None, 'auto' or a file path")
+        if cal not in CALIBRATION_NAMES:
+            if not isinstance(cal, (str, Path)) or not str(cal):
+                raise ConfigError(f"calibration={cal!r} is not valid: expected 'auto', 'paper' (the paper's uncalibrated "
+                                  "merge) or a calibration file path")
             if not Path(cal).is_file():
-                raise ConfigError(f"calibration={str(cal)!r} is not valid: no such file (expected None, 'auto' or an existing calibration file)")
+                raise ConfigError(f"calibration={str(cal)!r} is not valid: no such file (expected 'auto', 'paper' or an "
+                                  "existing calibration file)")
+
+    @property
+    def paper(self) -> bool:
+        """The paper's uncalibrated merge (calibration="paper"): fixed pairs from start_layer."""
+        return self.calibration == "paper"
 
     def resolve_start(self, n_layer: int) -> int:
         """The first merged layer for a model with n_layer layers (validated)."""
@@ -267,8 +280,8 @@ def kv_modes(window: int = MergeConfig.window, cal_files: Optional[dict] = None,
     for w, tag in ((window, f"w{window}"), (1, "w0")):
         on = "recent window exact" if w > 1 else "no window"
         mk = lambda **kw: MergeConfig(window=w, t=t, gamma=gamma, **kw)
-        merges.append(KvMode(f"paper-{tag}", tk, tv, mk(), f"paper-faithful SLERP, S=L/2, K+V, {on}{on_types}"))
-        merges.append(KvMode(f"paper-v-{tag}", tk, tv, mk(merge_k=False), f"paper-faithful, V only, {on}{on_types}"))
+        merges.append(KvMode(f"paper-{tag}", tk, tv, mk(calibration="paper"), f"paper-faithful SLERP, S=L/2, K+V, {on}{on_types}"))
+        merges.append(KvMode(f"paper-v-{tag}", tk, tv, mk(calibration="paper", merge_k=False), f"paper-faithful, V only, {on}{on_types}"))
         for form in ALIGNMENT_FORMS:
             if form in (cal_files or {}):
                 how = "per-head" if form == "head" else "whole-row"

@@ -158,7 +158,7 @@ def get_seq_state(llama_cpp, ctx, seq_id: int = 0) -> bytes:
     n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, seq_id)
     if n == 0:
         raise KvStateError("llama_state_seq_get_data wrote nothing (see llama.cpp's log)")
-    return bytes(buf[:n])
+    return ctypes.string_at(buf, n)  # (bytes(buf[:n]) would build a list of n ints first)
 
 
 def set_seq_state(llama_cpp, ctx, blob: bytes, seq_id: int = 0) -> None:

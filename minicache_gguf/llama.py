@@ -16,13 +16,12 @@ import warnings
 from typing import Optional, Union
 
 from . import _internals
-from .calibrate import pairs_for
-from .config import (GGML_TYPES, QUANTIZED_TYPES, ConfigError, MergeConfig, cache_type, default_n_gpu_layers,
-                     merged_n_ubatch, type_name)
+from .calibrate import PaperMergeWarning, pairs_for, paper_warning
+from .config import GGML_TYPES, ConfigError, MergeConfig, cache_type, default_n_gpu_layers, merged_n_ubatch, type_name
 from .model import default_model_path
 from .validate import validate
 
-__all__ = ["Llama", "CalibrationTypeWarning", "CalibrationContextWarning"]
+__all__ = ["Llama", "CalibrationTypeWarning", "CalibrationContextWarning", "PaperMergeWarning"]
 
 
 class CalibrationTypeWarning(UserWarning):
@@ -63,7 +62,11 @@ class Llama(llama_cpp.Llama):
         on other machines) in this process, as llama.cpp's --rpc: n_gpu_layers (and their KV cache,
         merged or not) go to them. llama-cpp-python 0.3.36 has no such option; the devices stay
         registered for every model the process loads afterwards;
-      - kv_merge=True | MergeConfig(...) selects MiniCache cross-layer KV merging; with merging on,
+      - kv_merge=True | MergeConfig(...) selects MiniCache cross-layer KV merging: True is
+        MergeConfig(), whose calibration="auto" is the calibrated selection of this model and KV
+        cache type (shipped, cached, or re-scored from one made for other settings); a model with
+        none is refused (calibrate.CalibrationMissing) with the time a calibration takes here and
+        the command that makes one; calibration="paper" names the paper's merge. With merging on,
         n_ubatch defaults to the window (at least 256, at most 512: config.merged_n_ubatch), since the
         exact staging pool holds max(window, n_ubatch) tokens.
 
@@ -104,18 +107,21 @@ class Llama(llama_cpp.Llama):
             return
 
         validate(cfg, model_path, kwargs)
-        pairs = None
-        self.calibration = None
-        if cfg.calibration is not None:
-            pairs, self.calibration = pairs_for(cfg, model_path, progress=sys.stderr.isatty())
-            quantized = sorted({type_name(kwargs.get(n)) for n in ("type_k", "type_v")} & set(QUANTIZED_TYPES))
-            if quantized:
-                # calibrate scores candidates on an f16 cache: say so where the cache type differs
-                warnings.warn(
-                    f"kv_merge: the calibration's pair selection was scored on an f16 KV cache (KLD "
-                    f"{self.calibration.selection_kld:.4f}); on a {'/'.join(quantized)} cache the quantization error adds "
-                    "to the merge's (`minicache-gguf eval --rows <type>,<type>+aligned-head-w256` measures the sum)",
-                    CalibrationTypeWarning, stacklevel=2)
+        types = tuple(type_name(kwargs[n]) if kwargs.get(n) is not None else "f16" for n in ("type_k", "type_v"))
+        # the one default policy (calibrate.resolve): the calibration of this model and cache types,
+        # re-scored from another one where needed; none at all is a CalibrationMissing with its cost
+        pairs, self.calibration = pairs_for(cfg, model_path, *types, progress=sys.stderr.isatty())
+        if cfg.paper:
+            why = paper_warning(model_path, cfg)
+            if why:
+                warnings.warn(why, PaperMergeWarning, stacklevel=2)
+        elif self.calibration.types() != types:
+            # a calibration file scored on another cache type: its budget is not this cache's
+            warnings.warn(
+                f"kv_merge: the calibration's pair selection was scored on a {'/'.join(self.calibration.types())} KV "
+                f"cache (KLD {self.calibration.selection_kld:.4f}); this cache is {'/'.join(types)}: its error differs "
+                f"(`minicache-gguf calibrate MODEL -ctk {types[0]} -ctv {types[1]}` scores a selection for it)",
+                CalibrationTypeWarning, stacklevel=2)
         # the ubatch size llama-cpp-python will use: the staging pool must hold one whole ubatch
         kwargs.setdefault("n_ubatch", merged_n_ubatch(cfg.window))
         n_ctx = kwargs.get("n_ctx", 512)

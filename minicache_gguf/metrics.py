@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from . import _internals, kvstate
@@ -28,14 +30,23 @@ class KldScorer:
     `probes` are other named continuations of the same context (e.g. a span of the context
     repeated, which the model must copy from far back); `klds(state)` scores all of them."""
 
-    def __init__(self, llm, context: list[int], scored: list[int], probes: dict | None = None):
+    def __init__(self, llm, context: list[int], scored: list[int], probes: dict | None = None, stock=None):
+        """stock: SeqState -> SeqState, what the cache being simulated holds instead of the
+        captured rows (alignment.CacheSim.stock); the references are scored on it."""
         self.llm = llm
         self.context = list(context)
         self.continuations = {"next": list(scored), **{k: list(v) for k, v in (probes or {}).items()}}
         llm.reset()
+        t0 = time.perf_counter()
         llm.eval(self.context)
+        #: seconds the context's prefill took
+        self.prefill_seconds = time.perf_counter() - t0
         self.blob = _internals.seq_state(llm)
         self.state = kvstate.parse_seq_state(self.blob)
+        if stock is not None:
+            self.state = stock(self.state)
+            self.blob = kvstate.serialize_seq_state(self.state)
+            _internals.set_seq_state(llm, self.blob)
         self.refs = {k: self._score(v) for k, v in self.continuations.items()}
         self.ref = self.refs["next"]
 

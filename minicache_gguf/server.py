@@ -10,14 +10,15 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import types
 from dataclasses import fields
 from typing import List, Optional, Union
 
 from pydantic import Field, create_model
 
-from .calfile import find_auto
-from .config import ConfigError, MergeConfig, cache_type
+from .calibrate import default_merge, resolve
+from .config import ConfigError, MergeConfig, cache_type, type_name
 from .llama import Llama, llama_cpp
 from .model import ModelInfo, default_model_path
 from .validate import validate
@@ -30,7 +31,8 @@ def _kv_field(name: str):
     """A server field for a MergeConfig field: its type, default and help come from MergeConfig."""
     f = MergeConfig.__dataclass_fields__[name]
     typ = {"start_layer": Optional[int], "calibration": Optional[str]}.get(name, type(f.default))
-    return typ, Field(default=f.default, description=f.metadata["help"])
+    # calibration unset (None) is MergeConfig's default, and tells "asked for" from "default" apart
+    return typ, Field(default=None if name == "calibration" else f.default, description=f.metadata["help"])
 
 
 #: a model entry: llama-cpp-python's fields plus MiniCache's (kv_merge, and kv_<field> for every MergeConfig field)
@@ -52,14 +54,28 @@ class MiniCacheConfigFileSettings(ServerSettings):
 
 def merge_config(s) -> Union[MergeConfig, bool]:
     """The MergeConfig of a model entry (False: merging off); ConfigError names a bad value.
-    kv_merge unset: on, aligned, when calibration="auto" finds a calibration for the model (shipped
-    with the package or cached) for these settings."""
-    cfg = MergeConfig(**{f.name: getattr(s, f"kv_{f.name}") for f in fields(MergeConfig)})
-    if s.kv_merge is None and s.kv_calibration is None and s.model and os.path.isfile(s.model):
-        found = find_auto(ModelInfo.of(s.model), cfg)
-        if found is not None:
-            return dataclasses.replace(cfg, calibration=str(found))
+    kv_merge unset: on, aligned, when a calibration of the model for its cache types and these
+    settings is shipped or cached (calibrate.default_merge; it says why merging stays off)."""
+    cfg = MergeConfig(**{f.name: getattr(s, f"kv_{f.name}") for f in fields(MergeConfig) if getattr(s, f"kv_{f.name}") is not None})
+    if s.kv_merge is None and s.kv_calibration is None:
+        model = s.model or default_model_path()
+        if not os.path.isfile(model):
+            return False
+        kv, why = default_merge(model, cfg, *_types(s))
+        if why and why not in _said:
+            _said.add(why)
+            print(f"serve: {s.model_alias or os.path.basename(model)}: {why}", file=sys.stderr)
+        return kv
     return cfg if s.kv_merge else False
+
+
+_said: set = set()
+
+
+def _types(s) -> tuple:
+    """The entry's K and V cache type names (f16 when unset)."""
+    return tuple(type_name(cache_type(v)) if v is not None else "f16"
+                 for v in (getattr(s, "type_k", None), getattr(s, "type_v", None)))
 
 
 def check(models: list) -> None:
@@ -75,7 +91,9 @@ def check(models: list) -> None:
                 cache_type(getattr(m, name), name)
         cfg = merge_config(m)
         if cfg:
-            validate(cfg, m.model or default_model_path(), dict(type_k=m.type_k, type_v=m.type_v, flash_attn=m.flash_attn))
+            model = m.model or default_model_path()
+            validate(cfg, model, dict(type_k=m.type_k, type_v=m.type_v, flash_attn=m.flash_attn))
+            resolve(cfg, model, *_types(m))  # no calibration: refused here, before the server listens
 
 
 _orig_load = _smodel.LlamaProxy.load_llama_from_model_settings
@@ -169,7 +187,7 @@ def serve(args) -> int:
     for m in models:
         kv = merge_config(m)
         print(f"serve: {m.model_alias}: n_ctx {m.n_ctx}, kv_merge "
-              f"{'off' if not kv else ('aligned (' + str(kv.calibration) + ')' if kv.calibration else 'paper layout')}"
+              f"{'off' if not kv else ('paper layout' if kv.paper else 'aligned (' + str(kv.calibration) + ')')}"
               f"{f', window {kv.window}, gamma {kv.gamma}, t {kv.t}' if kv else ''}"
               f" on http://{server.host}:{server.port}/v1", flush=True)
     uvicorn.run(app, host=server.host, port=int(server.port), ssl_keyfile=server.ssl_keyfile,

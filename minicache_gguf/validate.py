@@ -24,12 +24,12 @@ def validate(cfg: MergeConfig, model_path, llama_kwargs: Optional[dict] = None) 
         info = ModelInfo.of(model_path)
     except CalibrationError as e:
         raise ConfigError(f"kv_merge: {e}") from None
-    if cfg.calibration is None:
+    if cfg.paper or cfg.start_layer is not None:
         try:
             cfg.resolve_start(info.n_layer)
         except ConfigError as e:
             problems.append(str(e))
-    elif cfg.calibration != "auto":
+    if not cfg.paper and cfg.calibration != "auto":
         try:
             load_calibration(cfg.calibration, info).selection(cfg)
         except (CalibrationError, ConfigError) as e:

@@ -22,12 +22,12 @@ from minicache_gguf.llama import CalibrationContextWarning  # noqa: E402
 
 ROWS = [
     ("f16", {}),
-    ("paper (7 pairs, K+V)", dict(kv_merge=MergeConfig())),
+    ("paper (7 pairs, K+V)", dict(kv_merge=MergeConfig(calibration="paper"))),
     ("aligned (shipped calibration)", dict(kv_merge=MergeConfig(calibration="auto"))),
     ("q8_0", dict(type_k="q8_0", type_v="q8_0", flash_attn=True)),
-    ("q8_0 + paper", dict(type_k="q8_0", type_v="q8_0", flash_attn=True, kv_merge=MergeConfig())),
+    ("q8_0 + paper", dict(type_k="q8_0", type_v="q8_0", flash_attn=True, kv_merge=MergeConfig(calibration="paper"))),
     ("q4_0", dict(type_k="q4_0", type_v="q4_0", flash_attn=True)),
-    ("q4_0 + paper", dict(type_k="q4_0", type_v="q4_0", flash_attn=True, kv_merge=MergeConfig())),
+    ("q4_0 + paper", dict(type_k="q4_0", type_v="q4_0", flash_attn=True, kv_merge=MergeConfig(calibration="paper"))),
     ("q4_0 + aligned", dict(type_k="q4_0", type_v="q4_0", flash_attn=True, kv_merge=MergeConfig(calibration="auto"))),
 ]
 

@@ -26,7 +26,7 @@ ROW = 192 * 2  # SmolLM2-135M, f16 K/V rows
 
 def main(model, seed, n):
     rng = random.Random(seed)
-    llm = Llama(model, n_ctx=512, n_batch=64, n_ubatch=64, verbose=False, kv_merge=MergeConfig(window=32))
+    llm = Llama(model, n_ctx=512, n_batch=64, n_ubatch=64, verbose=False, kv_merge=MergeConfig(calibration="paper", window=32))
     text = pydoc_data.topics.topics["assignment"]
     toks = llm.tokenize(text.encode())[:200]
     llm.eval(toks[:150])

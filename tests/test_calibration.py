@@ -2,6 +2,7 @@
 refusals, and the aligned engine against the NumPy reference (real engine, real default model)."""
 
 import dataclasses
+import os
 import warnings
 
 import numpy as np
@@ -42,6 +43,15 @@ def test_corpus_splits_are_disjoint():
 
 
 SMALL = dict(fit_tokens=160, n_ctx=144, scored=16, window=32, max_kld=0.05, progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def calibrating_on_purpose():
+    """This module calibrates (small settings, or re-scoring from the shipped calibration)."""
+    was = os.environ.pop(calibrate.FORBID_ENV, None)
+    yield
+    if was is not None:
+        os.environ[calibrate.FORBID_ENV] = was
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +105,9 @@ def test_auto_name_records_the_scoring_context():
     a = calfile.auto_name("ab" * 32, MergeConfig())
     assert a == f"{'ab' * 8}-head-t0.6-g0.05-w256-kld0.02-c{MergeConfig.calibration_ctx}.gguf"
     assert calfile.auto_name("ab" * 32, MergeConfig(calibration_ctx=8192)).endswith("-c8192.gguf")
+    # the cache types the selection was scored on
+    assert calfile.auto_name("ab" * 32, MergeConfig(), "q4_0", "q4_0").endswith("-c4096-q4_0.gguf")
+    assert calfile.auto_name("ab" * 32, MergeConfig(), "q8_0", "q4_0").endswith("-c4096-kq8_0-vq4_0.gguf")
 
 
 def test_calibration_file_round_trips(tmp_path, model_path, small_cal):
@@ -243,12 +256,18 @@ def test_shipped_calibration_is_found_by_auto(model_path, tmp_path, monkeypatch)
         Llama(model_path, n_ctx=n, verbose=False, kv_merge=MergeConfig(calibration="auto")).close()
 
 
-def test_auto_calibration_is_cached_per_model(model_path, tmp_path, monkeypatch):
+def test_auto_calibration_is_rescored_and_cached_per_model(model_path, tmp_path, monkeypatch):
+    """Settings no shipped calibration has: re-scored from the shipped one (its rotations and its
+    ranking reused, no fit, no ranking), cached, and found the next time without calibrating."""
     monkeypatch.setenv("MINICACHE_GGUF_CACHE", str(tmp_path))
-    cfg = MergeConfig(calibration="auto", window=128, calibration_ctx=512)  # no shipped calibration has these
+    cfg = MergeConfig(calibration="auto", window=128, calibration_ctx=512)
     llm = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=cfg)
     files = list((tmp_path / "calibration").glob("*.gguf"))
     assert len(files) == 1 and llm.calibration.pairs
+    st = llm.calibration.settings
+    assert st["rotations_reused"] and st["ranking_reused"] and st["rescored_from"]
+    assert 1 <= st["measured_selections"] <= calibrate.MAX_MEASURES and st["window"] == 128
+    monkeypatch.setenv(calibrate.FORBID_ENV, "1")  # found, not calibrated again
     st = llm.kv_stats()
     assert st.aligned_pools == st.merged_pools == len(llm.calibration.pairs)
     mtime = files[0].stat().st_mtime_ns
@@ -292,5 +311,5 @@ def test_damaged_auto_calibration_is_made_again(model_path, tmp_path, monkeypatc
     monkeypatch.setattr(calibrate, "calibrate", lambda *a, **k: small_cal)
     pairs, cal = calibrate.pairs_for(cfg, model_path, progress=False)
     assert cal is small_cal and pairs
-    assert "cached calibration unusable" in capsys.readouterr().err
+    assert "unusable" in capsys.readouterr().err
     assert calfile.load_calibration(path, info).n_tokens == small_cal.n_tokens  # re-made and saved

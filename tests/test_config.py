@@ -5,10 +5,13 @@ import pytest
 from minicache_gguf import ConfigError, MergeConfig
 
 
-def test_defaults_are_the_papers():
+def test_defaults():
+    """The paper's t, gamma and layout start; calibration "auto": the paper's uncalibrated merge
+    only when named ("paper")."""
     c = MergeConfig()
     assert (c.start_layer, c.t, c.gamma, c.window, c.merge_k, c.merge_v, c.calibration, c.retention) == \
-        (None, 0.6, 0.05, 256, True, True, None, "topk")
+        (None, 0.6, 0.05, 256, True, True, "auto", "topk")
+    assert not c.paper and MergeConfig(calibration="paper").paper
     assert c.resolve_start(30) == 15
     assert c.pairs(30) == [(15, 16), (17, 18), (19, 20), (21, 22), (23, 24), (25, 26), (27, 28)]
     assert MergeConfig(start_layer=27).pairs(30) == [(27, 28)]
@@ -32,6 +35,7 @@ def test_defaults_are_the_papers():
     (dict(merge_k=False, merge_v=False), "merges nothing"),
     (dict(retention="bottom"), "retention='bottom'"),
     (dict(calibration=42), "calibration=42"),
+    (dict(calibration=None), "calibration=None is not valid: expected 'auto', 'paper'"),
     (dict(calibration="/nonexistent/cal.gguf"), "no such file"),
     (dict(calibration_ctx=100), "calibration_ctx=100"),
     (dict(calibration_ctx=4096.0), "calibration_ctx=4096.0"),

@@ -19,7 +19,7 @@ def tokens(model_path):
     return llm.tokenize(text[:60000].encode())
 
 
-def merged_pairs(cfg=MergeConfig()):
+def merged_pairs(cfg=MergeConfig(calibration="paper")):
     return cfg.pairs(N_LAYER)
 
 
@@ -40,7 +40,7 @@ def test_equivalence_oracle(model_path, tokens, flash_attn):
     paths on that cache (a decoding step folds the norms into the attention instead of restoring
     K/V, so it rounds differently; prompt ubatches restore K/V and match bit for bit)."""
     n, w, gamma = 300, 64, 0.05
-    cfg = MergeConfig(window=w, gamma=gamma)
+    cfg = MergeConfig(calibration="paper", window=w, gamma=gamma)
     dense = Llama(model_path, n_ctx=512, flash_attn=flash_attn, logits_all=True, verbose=False)
     dense.eval(tokens[:n])
     st = kvstate.parse_seq_state(kvstate.get_seq_state(llama_cpp, dense._ctx.ctx))
@@ -98,7 +98,7 @@ def test_merge_step_runs_on_the_cache_backend(model_path, tokens, flash_attn):
     """Merging copies no row between the host and the cache: the merge step is graphs computed on
     the backend holding the pools (here the CPU backend), and only state save/load and get_rows
     move rows (counted by the engine)."""
-    llm = Llama(model_path, n_ctx=512, flash_attn=flash_attn, verbose=False, kv_merge=MergeConfig(window=32))
+    llm = Llama(model_path, n_ctx=512, flash_attn=flash_attn, verbose=False, kv_merge=MergeConfig(calibration="paper", window=32))
     llm.eval(tokens[:200])
     for t in tokens[200:230]:  # decoding steps: one token leaves the window per step
         llm.eval([t])
@@ -113,7 +113,7 @@ def test_merge_step_runs_on_the_cache_backend(model_path, tokens, flash_attn):
 def test_flash_attention_on_and_off_agree(model_path, tokens):
     """With or without flash attention (V transposed or not), a merged cache gives the same
     results up to the difference the two attention paths already have on a stock cache."""
-    cfg = MergeConfig(window=32)
+    cfg = MergeConfig(calibration="paper", window=32)
     runs = {}
     for fa in (False, True):
         for kv_merge in (False, cfg):
@@ -131,7 +131,7 @@ def test_flash_attention_on_and_off_agree(model_path, tokens):
 @pytest.mark.parametrize("n_ctx,type_k,type_v", [(512, "f16", "f16"), (2048, "f16", "f16"), (8192, "f16", "f16"),
                                                (8192, "q4_0", "q4_0"), (4096, "q8_0", "q5_1")])
 def test_memory_matches_closed_form(model_path, n_ctx, type_k, type_v):
-    cfg = MergeConfig()
+    cfg = MergeConfig(calibration="paper")
     types = dict(flash_attn=True, type_k=type_k, type_v=type_v)
     mc = Llama(model_path, n_ctx=n_ctx, verbose=False, kv_merge=cfg, **types)
     s = mc.kv_stats()
@@ -154,7 +154,7 @@ def test_never_more_memory_than_stock(model_path, n_ctx):
     for the paper's layout and the shipped calibration (the fewest pools); an explicit n_ubatch of
     512 (a staging pool of 512 rows) is the user's choice and may cost more at 512."""
     stock = Llama(model_path, n_ctx=n_ctx, verbose=False).kv_stats().kv_bytes
-    for cfg in (MergeConfig(), MergeConfig(calibration="auto")):
+    for cfg in (MergeConfig(calibration="paper"), MergeConfig(calibration="auto")):
         llm = Llama(model_path, n_ctx=n_ctx, verbose=False, kv_merge=cfg)
         s = llm.kv_stats()
         assert s.staging_capacity == min(n_ctx, 256)
@@ -163,7 +163,7 @@ def test_never_more_memory_than_stock(model_path, n_ctx):
 
 
 def test_high_level_api(model_path):
-    cfg = MergeConfig(window=16)
+    cfg = MergeConfig(calibration="paper", window=16)
     llm = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=cfg)
     prompt = "Q: What is the capital of France?\nA:"
     first = llm.create_completion(prompt, max_tokens=48, temperature=0)["choices"][0]["text"]
@@ -185,7 +185,7 @@ def test_high_level_api(model_path):
 
 
 def test_long_generation_crosses_the_window(model_path):
-    cfg = MergeConfig(window=16, gamma=0.1)
+    cfg = MergeConfig(calibration="paper", window=16, gamma=0.1)
     llm = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=cfg)
     out = llm.create_completion("Once upon a time,", max_tokens=300, temperature=0.8, seed=1)
     assert out["usage"]["completion_tokens"] > 50
@@ -196,7 +196,7 @@ def test_long_generation_crosses_the_window(model_path):
 
 def test_bad_input_is_refused_clearly(model_path):
     with pytest.raises(ConfigError, match=r"start_layer=40 is not valid for this model \(30 layers\)"):
-        Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(start_layer=40))
+        Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(calibration="paper", start_layer=40))
     with pytest.raises(ValueError, match="type_v=q8_0 needs flash_attn=True"):
         Llama(model_path, n_ctx=256, verbose=False, kv_merge=True, type_v=llama_cpp.GGML_TYPE_Q8_0)
     with pytest.raises(ValueError, match="embedding=True is not supported"):
@@ -206,7 +206,7 @@ def test_bad_input_is_refused_clearly(model_path):
 
 
 def test_state_round_trip_and_refusals(model_path, tokens):
-    cfg = MergeConfig(window=32)
+    cfg = MergeConfig(calibration="paper", window=32)
     llm = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=cfg)
     prompt = llm.detokenize(tokens[:400]).decode(errors="ignore")
     llm.create_completion(prompt, max_tokens=8, temperature=0)
@@ -231,7 +231,7 @@ def test_state_round_trip_and_refusals(model_path, tokens):
     del state.kv_merge  # what a raw blob would be: llama.cpp itself refuses it
     with pytest.raises(RuntimeError, match="llama.cpp refused the state"):
         stock.load_state(state)
-    shifted = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=MergeConfig(window=32, start_layer=17))
+    shifted = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=MergeConfig(calibration="paper", window=32, start_layer=17))
     with pytest.raises(RuntimeError, match="llama.cpp refused the state"):
         shifted.load_state(state)
     with pytest.raises(RuntimeError, match="llama.cpp refused the state"):
@@ -254,7 +254,7 @@ def _stock_state(stock, tokens):
 def test_threshold_retention_in_the_engine(model_path, tokens):
     """retention="threshold": the retained pairs are those with d > d_min + (d_max - d_min)(1 - gamma)
     over the merged tokens (one merge step, so the engine and the formula see the same set)."""
-    cfg = MergeConfig(window=32, gamma=0.2, retention="threshold")
+    cfg = MergeConfig(calibration="paper", window=32, gamma=0.2, retention="threshold")
     llm = Llama(model_path, n_ctx=512, verbose=False, kv_merge=cfg)
     llm.eval(tokens[:200])
     llm.eval(tokens[200:201])

@@ -3,6 +3,7 @@
 import pytest
 
 from minicache_gguf import ConfigError, Llama, MergeConfig, _engine
+from minicache_gguf.calfile import SHIPPED_DIR
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,11 @@ def test_kv_merge_options(model_path):
 
     llm = Llama(model_path, n_ctx=256, kv_merge=True, verbose=False)
     assert llm.merge_config == MergeConfig()
-    assert llm.kv_stats().merged_layer_pairs == 7
+    # True is the shipped calibration of the default model (never the paper's uncalibrated merge)
+    assert llm.calibration.path.parent == SHIPPED_DIR
+    assert llm.kv_stats().aligned_pools == len(llm.calibration.pairs) > 0
+    paper = Llama(model_path, n_ctx=256, kv_merge=MergeConfig(calibration="paper"), verbose=False)
+    assert paper.kv_stats().merged_layer_pairs == 7 and paper.kv_stats().aligned_pools == 0
     with pytest.raises(TypeError, match="kv_merge='yes' is not valid"):
         Llama(model_path, kv_merge="yes", verbose=False)
     with pytest.raises(ConfigError, match="gamma=3"):

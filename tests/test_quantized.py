@@ -77,7 +77,7 @@ def test_quantized_merge_oracle(model_path, tokens, shipped, qtype, aligned):
     # flash attention off: only K can be quantized (llama.cpp stores V transposed): K pools only
     flash = not qtype.endswith("flash-off")
     qtype = qtype.split("-")[0]
-    cfg = MergeConfig(window=w, gamma=gamma, calibration=shipped if aligned else None, merge_v=flash)
+    cfg = MergeConfig(window=w, gamma=gamma, calibration=shipped if aligned else "paper", merge_v=flash)
     # n_ubatch 512: the n tokens are one ubatch, nothing merges before the step checked below
     kw = dict(flash_attn=flash, type_v=GGML_TYPES[qtype] if flash else GGML_TYPES["f16"], n_ubatch=512)
     if aligned:  # the shipped calibration was scored on f16: the wrapper says so
@@ -159,7 +159,7 @@ def test_quantized_state_round_trip_and_type_refusal(model_path, tokens, n):
     attention sums slot rows in slot order; before state v6 a restored cache renumbered them, and
     the Q4_1 model's activation quantization turned the reordered rounding into logit changes of
     up to 0.6 at some of these splits)."""
-    cfg = MergeConfig(window=32)
+    cfg = MergeConfig(calibration="paper", window=32)
     llm = quant_llama(model_path, "q4_0", kv_merge=cfg)
     llm.eval(tokens[:n])
     state = llm.save_state()
@@ -189,7 +189,7 @@ def test_quantized_refusals(model_path):
     with pytest.raises(ConfigError, match="type_k='q3' is not valid: expected one of f32 \\(0\\), f16 \\(1\\)"):
         Llama(model_path, n_ctx=512, verbose=False, type_k="q3", kv_merge=True)
     # names are accepted like llama.cpp's -ctk/-ctv; quantized K works with flash attention off
-    llm = Llama(model_path, n_ctx=512, verbose=False, type_k="q8_0", kv_merge=MergeConfig(window=16))
+    llm = Llama(model_path, n_ctx=512, verbose=False, type_k="q8_0", kv_merge=MergeConfig(calibration="paper", window=16))
     toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 8)
     llm.eval(toks[:-1])
     llm.eval(toks[-1:])  # decoding: the tokens that left the window are merged first

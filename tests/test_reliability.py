@@ -27,7 +27,7 @@ def toks(model_path):
 
 
 def small(model_path, **kw):
-    args = dict(n_ctx=1024, n_batch=64, n_ubatch=64, verbose=False, kv_merge=MergeConfig(window=32))
+    args = dict(n_ctx=1024, n_batch=64, n_ubatch=64, verbose=False, kv_merge=MergeConfig(calibration="paper", window=32))
     args.update(kw)
     return Llama(model_path, **args)
 
@@ -141,7 +141,7 @@ def test_state_fuzz_never_kills_the_process(model_path):
 def test_failed_context_creation_leaves_nothing_armed(model_path):
     """Params armed for a context that was refused never reach the next context on the thread."""
     with pytest.raises(ValueError):
-        Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(start_layer=29))
+        Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(calibration="paper", start_layer=29))
     plain = Llama(model_path, n_ctx=256, verbose=False)
     assert plain.kv_stats().start_layer == -1
 
@@ -158,7 +158,7 @@ def _complete(llm, prompt, n=24):
 def test_same_prompt_same_output_however_the_cache_was_reached(model_path, toks, merge):
     kw = dict(n_ctx=1024, verbose=False)
     if merge:
-        kw["kv_merge"] = MergeConfig(window=32)
+        kw["kv_merge"] = MergeConfig(calibration="paper", window=32)
     prompt = Llama(model_path, n_ctx=64, vocab_only=True, verbose=False).detokenize(toks[:150]).decode(errors="ignore")
     fresh = _complete(Llama(model_path, **kw), prompt)
     assert fresh.strip()
@@ -179,7 +179,7 @@ def test_same_prompt_same_output_however_the_cache_was_reached(model_path, toks,
 
 
 def test_a_continuation_reuses_the_merged_cache(model_path, toks):
-    llm = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=MergeConfig(window=32))
+    llm = Llama(model_path, n_ctx=1024, verbose=False, kv_merge=MergeConfig(calibration="paper", window=32))
     prompt = llm.detokenize(toks[:150]).decode(errors="ignore")
     first = llm.create_completion(prompt, max_tokens=8, temperature=0)["choices"][0]["text"]
     before = llm.kv_stats().tokens_merged
@@ -190,7 +190,7 @@ def test_a_continuation_reuses_the_merged_cache(model_path, toks):
 
 
 def test_full_context_with_merging_is_an_error_not_a_crash(model_path, toks):
-    llm = Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(window=32))
+    llm = Llama(model_path, n_ctx=256, verbose=False, kv_merge=MergeConfig(calibration="paper", window=32))
     with pytest.raises(ValueError, match="exceed context window"):
         llm.create_completion(llm.detokenize(toks[:400]).decode(errors="ignore"), max_tokens=4)
     # generating past the end stops at the context length
@@ -210,9 +210,9 @@ def test_soak_mixed_operations_replay_identically(model_path, tmp_path):
     from minicache_gguf import _engine
 
     n = 1000
-    merged = soak.run(Llama(model_path, **soak.OPTIONS, kv_merge=MergeConfig(window=16, gamma=0.1)), n)
+    merged = soak.run(Llama(model_path, **soak.OPTIONS, kv_merge=MergeConfig(calibration="paper", window=16, gamma=0.1)), n)
     assert len(merged) > 500
-    assert soak.run(Llama(model_path, **soak.OPTIONS, kv_merge=MergeConfig(window=16, gamma=0.1)), n) == merged
+    assert soak.run(Llama(model_path, **soak.OPTIONS, kv_merge=MergeConfig(calibration="paper", window=16, gamma=0.1)), n) == merged
     off = soak.run(Llama(model_path, **soak.OPTIONS), n)
     out = tmp_path / "stock.json"
     subprocess.run([sys.executable, str(HERE / "soak.py"), str(_engine.lib_dir("stock")), str(model_path), str(n),

@@ -30,7 +30,7 @@ def _post(url, body, stream=False):
 def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("srv") / "server.log"
-    env = dict(os.environ, KV_WINDOW="32")  # environment variables set the merge options
+    env = dict(os.environ, KV_WINDOW="32", KV_CALIBRATION="paper")  # environment variables set the merge options
     with open(log, "w") as f:
         proc = subprocess.Popen([CLI, "serve", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024"],
                                 stdout=f, stderr=subprocess.STDOUT, env=dict(env, KV_MERGE="true"))
