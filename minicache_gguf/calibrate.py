@@ -45,7 +45,7 @@ from . import kvstate
 from .alignment import FORMS, CacheSim, cosine, fit_all, simulate_merge
 from .metrics import kld_per_token
 from .calfile import (Calibration, CalibrationError, auto_path, find_auto, find_base, find_rotations, load_calibration,
-                      rotations_name, save_rotations, type_tag)
+                      rotations_name, save_rotations)
 from .config import DEFAULT_SCORED, GGML_TYPES, ConfigError, MergeConfig, PairSpec
 from .metrics import KldScorer
 from .model import ModelInfo

@@ -6,7 +6,6 @@ Invalid options are refused before the server starts."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -20,7 +19,7 @@ from pydantic import Field, create_model
 from .calibrate import default_merge, resolve
 from .config import ConfigError, MergeConfig, cache_type, type_name
 from .llama import Llama, llama_cpp
-from .model import ModelInfo, default_model_path
+from .model import default_model_path
 from .validate import validate
 
 import llama_cpp.server.model as _smodel  # noqa: E402  (after .llama: it points llama_cpp at the engine)

@@ -16,7 +16,6 @@ from minicache_gguf import Llama, MergeConfig, _internals, cli
 from minicache_gguf.alignment import CacheSim
 from minicache_gguf.calfile import SHIPPED_DIR
 from minicache_gguf.calibrate import FORBID_ENV, CalibrationMissing, PaperMergeWarning, default_merge
-from minicache_gguf.config import GGML_TYPES
 from minicache_gguf.llama import CalibrationTypeWarning
 
 
