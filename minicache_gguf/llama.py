@@ -118,8 +118,8 @@ class Llama(llama_cpp.Llama):
         elif self.calibration.types() != types:
             # a calibration file scored on another cache type: its budget is not this cache's
             warnings.warn(
-                f"kv_merge: the calibration's pair selection was scored on a {'/'.join(self.calibration.types())} KV "
-                f"cache (KLD {self.calibration.selection_kld:.4f}); this cache is {'/'.join(types)}: its error differs "
+                f"kv_merge: the calibration's pair selection was scored on KV cache types {'/'.join(self.calibration.types())} "
+                f"(KLD {self.calibration.selection_kld:.4f}); this cache is {'/'.join(types)}: its error differs "
                 f"(`minicache-gguf calibrate MODEL -ctk {types[0]} -ctv {types[1]}` scores a selection for it)",
                 CalibrationTypeWarning, stacklevel=2)
         # the ubatch size llama-cpp-python will use: the staging pool must hold one whole ubatch
