@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import sys
 import tempfile
 import zipfile
@@ -124,6 +125,71 @@ def model_sha256(path) -> str:
     return digest
 
 
+# GGUF value types (the GGUF spec): struct format of the fixed-size ones; 8 = string, 9 = array
+_GGUF_FIXED = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_metadata(path) -> dict:
+    """The scalar and string key/values of a GGUF file's header (arrays are skipped and read as []:
+    a tokenizer's 50k-entry lists cost a few milliseconds instead of seconds). Little-endian GGUF
+    v2/v3, as llama.cpp writes it; raises ValueError on anything else."""
+    out = {}
+    with open(path, "rb") as f:
+        def read(fmt):
+            n = struct.calcsize("<" + fmt)
+            b = f.read(n)
+            if len(b) != n:
+                raise ValueError("the file ends inside the GGUF header")
+            return struct.unpack("<" + fmt, b)[0]
+
+        def string():
+            n = read("Q")
+            if n > 1 << 24:
+                raise ValueError(f"a GGUF string of {n} bytes")
+            b = f.read(n)
+            if len(b) != n:
+                raise ValueError("the file ends inside the GGUF header")
+            return b.decode("utf-8")
+
+        def skip(t, count):
+            if t in _GGUF_FIXED:
+                f.seek(struct.calcsize("<" + _GGUF_FIXED[t]) * count, os.SEEK_CUR)
+            elif t == _GGUF_STRING:
+                for _ in range(count):
+                    f.seek(read("Q"), os.SEEK_CUR)
+            elif t == _GGUF_ARRAY:
+                for _ in range(count):
+                    et, n = read("I"), read("Q")
+                    skip(et, n)
+            else:
+                raise ValueError(f"GGUF value type {t} is not valid")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("no GGUF magic")
+        version = read("I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+        read("Q")  # tensor count
+        for _ in range(read("Q")):
+            key = string()
+            t = read("I")
+            if t in _GGUF_FIXED:
+                out[key] = read(_GGUF_FIXED[t])
+            elif t == _GGUF_STRING:
+                out[key] = string()
+            elif t == _GGUF_ARRAY:
+                et, n = read("I"), read("Q")
+                skip(et, n)
+                out[key] = []  # present, not decoded
+            else:
+                raise ValueError(f"GGUF value type {t} of {key!r} is not valid")
+    return out
+
+
+_INFO: dict = {}
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     sha256: str
@@ -136,21 +202,32 @@ class ModelInfo:
 
     @classmethod
     def of(cls, model_path) -> "ModelInfo":
-        """From the model file's GGUF metadata (no weights are read) and its sha256."""
-        import gguf
-
+        """From the model file's GGUF metadata (no weights are read) and its sha256; cached per
+        (path, size, mtime) in this process."""
+        p = Path(model_path).resolve()
         try:
-            r = gguf.GGUFReader(str(model_path))
-        except Exception as e:
+            st = p.stat()
+        except OSError as e:
+            raise CalibrationError(f"{model_path}: not a readable GGUF model ({type(e).__name__}: {e})") from None
+        key = (str(p), st.st_size, st.st_mtime_ns)
+        if key not in _INFO:
+            _INFO[key] = cls._read(model_path)
+        return _INFO[key]
+
+    @classmethod
+    def _read(cls, model_path) -> "ModelInfo":
+        try:
+            meta = gguf_metadata(model_path)
+        except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
             raise CalibrationError(f"{model_path}: not a readable GGUF model ({type(e).__name__}: {e})") from None
 
         def get(key, default=None):
-            f = r.fields.get(key)
-            if f is None:
+            v = meta.get(key)
+            if v is None:
                 if default is None:
                     raise CalibrationError(f"{model_path}: the model has no {key!r}: this architecture is not supported")
                 return default
-            return f.contents()
+            return v
 
         arch = get("general.architecture")
         n_layer, n_head, n_embd = (get(f"{arch}.{k}") for k in ("block_count", "attention.head_count", "embedding_length"))

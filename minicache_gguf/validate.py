@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .calfile import load_calibration
-from .config import GGML_TYPES, QUANTIZED_TYPES, CalibrationError, ConfigError, MergeConfig, type_name
+from .config import GGML_TYPES, QUANTIZED_TYPES, TYPE_BLOCKS, CalibrationError, ConfigError, MergeConfig, type_name
 from .model import ModelInfo
 
 __all__ = ["validate", "MERGEABLE_TYPES"]
@@ -39,6 +39,12 @@ def validate(cfg: MergeConfig, model_path, llama_kwargs: Optional[dict] = None) 
         if t is not None and type_name(t) not in MERGEABLE_TYPES:
             problems.append(f"{name}={t!r} is not supported with kv_merge: expected one of "
                             + ", ".join(f"{n} ({GGML_TYPES[n]})" for n in MERGEABLE_TYPES))
+    for name, width in (("type_k", info.n_embd_k), ("type_v", info.n_embd_v)):
+        t = type_name(kw.get(name))
+        head, block = width // max(info.n_head_kv, 1), TYPE_BLOCKS[t][0] if t in TYPE_BLOCKS else 1
+        if t in QUANTIZED_TYPES and head % block:
+            problems.append(f"{name}={t} needs heads that hold whole {block}-value blocks; this model's "
+                            f"{name[-1].upper()} heads have {head} values (use f16 for {name})")
     tv = type_name(kw.get("type_v"))
     if tv in QUANTIZED_TYPES and not kw.get("flash_attn"):
         problems.append(f"type_v={tv} needs flash_attn=True (llama.cpp stores a quantized V cache only "
