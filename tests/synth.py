@@ -43,7 +43,7 @@ LAYOUTS = {
     # Qwen2 / 2.5: q/k/v biases, 2 KV heads of 128 (the head width is n_embd / n_head in llama.cpp's qwen2)
     "qwen2": Layout("qwen2", 512, 4, 2, 128, bias=True, what="Qwen2/2.5: q/k/v biases, GQA, heads of 128"),
     # Phi-3: MHA, heads of 96 (not a power of two: no Hadamard basis for quantized caches)
-    "phi3": Layout("phi3", 384, 4, 4, 96, what="Phi-3: MHA, heads of 96, fused gate/up"),
+    "phi3": Layout("phi3", 384, 4, 4, 96, what="Phi-3: MHA, heads of 96, fused q/k/v and gate/up"),
     # Phi-2-like head width 80: not a multiple of a q8_0/q4_0 block (32)
     "llama-h80": Layout("llama", 256, 4, 4, 80, what="head width 80 (not a multiple of a 32-value block)"),
 }
@@ -95,9 +95,12 @@ def write(path, layout: Layout, tokenizer_from, n_layer: int = 4, seed: int = 0)
     for i in range(n_layer):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", np.ones(L.n_embd, np.float32))
-        w.add_tensor(p + "attn_q.weight", mat(nq, L.n_embd))
-        w.add_tensor(p + "attn_k.weight", mat(L.n_embd_kv, L.n_embd))
-        w.add_tensor(p + "attn_v.weight", mat(L.n_embd_kv, L.n_embd))
+        if a == "phi3":  # Phi-3 files carry one fused q/k/v projection
+            w.add_tensor(p + "attn_qkv.weight", mat(nq + 2 * L.n_embd_kv, L.n_embd))
+        else:
+            w.add_tensor(p + "attn_q.weight", mat(nq, L.n_embd))
+            w.add_tensor(p + "attn_k.weight", mat(L.n_embd_kv, L.n_embd))
+            w.add_tensor(p + "attn_v.weight", mat(L.n_embd_kv, L.n_embd))
         if L.bias:
             for t, n in (("q", nq), ("k", L.n_embd_kv), ("v", L.n_embd_kv)):
                 w.add_tensor(p + f"attn_{t}.bias", (0.5 * rng.standard_normal(n)).astype(np.float32))
