@@ -81,7 +81,8 @@ def expected_rows(rows_a, rows_b, qtype, n_embd):
 def test_layout_merge_oracle(synth_models, tokens, layout, case):
     """Restored K/V of every merged pool == the reference merge of the rows llama.cpp wrote (to one
     rounding of the cache type, as on the default model: test_engine / test_quantized); the
-    retained set == the reference's; before anything merges, the logits are the stock cache's."""
+    retained set == the reference's; before anything merges, the prompt's logits are the stock
+    cache's of the same type, bit for bit."""
     L = synth.LAYOUTS[layout]
     E = L.n_embd_kv
     path = synth_models[layout]
@@ -90,8 +91,8 @@ def test_layout_merge_oracle(synth_models, tokens, layout, case):
     stock = make(path, case)
     mc.eval(tokens[:N])
     stock.eval(tokens[:N])
-    if tk == "f16":  # quantized caches: merged layers attend over rows restored to f16 (docs/layouts.md)
-        assert np.array_equal(mc.scores[:N], stock.scores[:N]), "nothing merged yet: the prompt's logits are stock's"
+    # merged layers restore their rows to the cache's own type: the prompt runs as on the stock cache
+    assert np.array_equal(mc.scores[:N], stock.scores[:N]), "nothing merged yet: the prompt's logits are stock's"
     pools = _internals.get_pairs(mc._ctx.ctx)
     assert {(p.kind, p.layer) for p in pools} == {(k, a) for a in (0, 2) for k in ("kv" if flash else "k")}
     rows = {(p.kind, l): _internals.get_rows(mc._ctx.ctx, l, p.kind, 0, N, E) for p in pools for l in (p.layer, p.layer + 1)}
@@ -117,7 +118,9 @@ def test_layout_merge_oracle(synth_models, tokens, layout, case):
                 # counted per 32-value block: a block whose largest value moves changes its scale, so all its values
                 off = (np.abs(got[:n_m] - w) > 1e-5 * scale).reshape(n_m, -1, 32).any(axis=2)
                 assert off.sum() <= max(4, off.size // 1000), f"{what}: {off.sum()} of {off.size} blocks differ beyond f32 rounding"
-                assert (np.linalg.norm(got[:n_m] - w, axis=1) / scale[:, 0]).max() <= 1e-2, what
+                # and such a row is off by about one level of the type (a q4_0 level is 1/8 of its block's largest value)
+                rel = (np.linalg.norm(got[:n_m] - w, axis=1) / scale[:, 0]).max()
+                assert rel <= {"q8_0": 1e-2, "q4_0": 5e-2}[qtype], f"{what}: a row differs by {rel:.3g} of its norm"
     assert np.isfinite(mc.scores[N]).all()
 
 

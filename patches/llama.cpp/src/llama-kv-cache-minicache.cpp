@@ -534,8 +534,12 @@ void llama_kv_minicache::set_attn_rot(bool rot_k, bool rot_v, uint32_t n_embd_he
     }
 }
 
-ggml_type llama_kv_minicache::restored_type(int kind) const {
-    return ggml_is_quantized(type_of(kind)) ? GGML_TYPE_F16 : type_of(kind);
+ggml_type llama_kv_minicache::restored_type(int kind, bool rotated) const {
+    const ggml_type type = type_of(kind);
+    if (!ggml_is_quantized(type)) {
+        return type;
+    }
+    return !rotated && (type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0) ? type : GGML_TYPE_F16;
 }
 
 size_t llama_kv_minicache::size_bytes(int kind) const {
@@ -722,7 +726,7 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
     // than f16/f32 directions are converted to F32 first and the result rounded to restored_type()
     const bool rotated = x == 0 && p.rot != LLAMA_MINICACHE_ROT_NONE;
     const bool to_f32  = rotated || !mc_native(p.dir->type);
-    const ggml_type type_out = restored_type(p.kind);
+    const ggml_type type_out = restored_type(p.kind, rotated);
 
     if (dir_trans(p)) {
         // [n_kv, n_embd]: dir * norm per cell
@@ -751,13 +755,11 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
                 cur = ggml_cast(ctx, cur, type_out);
             }
 
-            const size_t es = ggml_element_size(cur);
-
             return ggml_view_4d(ctx, cur,
                     n_embd_head, n_head_kv, n_kv, 1,
-                    es*n_embd_head,
-                    es*p.n_embd,
-                    es*p.n_embd*n_kv,
+                    ggml_row_size(cur->type, n_embd_head),
+                    ggml_row_size(cur->type, p.n_embd),
+                    ggml_row_size(cur->type, p.n_embd)*n_kv,
                     0);
         }
 
@@ -793,13 +795,12 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
         cur = ggml_cast(ctx, cur, type_out);
     }
 
-    const size_t es = ggml_element_size(cur);
-
+    // quantized rows: whole blocks per head (the layer's heads hold whole blocks, checked at creation)
     return ggml_view_4d(ctx, cur,
             n_embd_head, n_head_kv, n_kv, 1,
-            es*n_embd_head,
-            es*p.n_embd,
-            es*p.n_embd*n_kv,
+            ggml_row_size(cur->type, n_embd_head),
+            ggml_row_size(cur->type, p.n_embd),
+            ggml_row_size(cur->type, p.n_embd)*n_kv,
             0);
 }
 
@@ -824,7 +825,7 @@ ggml_tensor * llama_kv_minicache::unrotate(ggml_context * ctx, const pool & p, g
         res = ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, res, 0, 2, 1, 3)), dh*nh, n);
     }
 
-    return ggml_cast(ctx, res, restored_type(p.kind));
+    return ggml_cast(ctx, res, restored_type(p.kind, true));
 }
 
 // gather along dim 0 of x [n0, n1, n2] (contiguous) with idx [m, n1*n2] (values < n0, the same index

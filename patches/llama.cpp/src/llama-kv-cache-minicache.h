@@ -269,8 +269,10 @@ private:
 
     ggml_type type_of(int kind) const { return kind == KIND_K ? type_k : type_v; }
 
-    // the type merged layers are restored to in the graph: the cache type, f16 for quantized types
-    ggml_type restored_type(int kind) const;
+    // the type merged layers are restored to in the graph: the cache type, so that the attention runs
+    // as on the stock cache (a dequantized q8_0/q4_0 row quantizes back to the same bytes); f16 for a
+    // rotated layer and for other quantized types (re-quantizing them would add their error again)
+    ggml_type restored_type(int kind, bool rotated) const;
 
     // V directions and exact rows of a float type are stored transposed: the attention sums over
     // cells and slots (quantized V is stored by rows: its blocks run along the row)
