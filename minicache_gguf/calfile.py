@@ -93,18 +93,7 @@ class Calibration:
             c = self.cost.get(kind)
             if c is not None:
                 w.add_array(f"minicache.cost.{kind}", [float(x) for x in c])
-        digest = hashlib.sha256()
-        for q in self.pairs:
-            r = np.ascontiguousarray(q.r, dtype=np.float32)
-            digest.update(f"{q.kind}{q.layer}".encode())
-            digest.update(r.tobytes())
-            w.add_tensor(f"rot.{q.kind}.{q.layer}", r)
-        w.add_string("minicache.rotations.sha256", digest.hexdigest())
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
+        _write_rotations(w, [((q.kind, q.layer), q.r) for q in self.pairs], tmp, path)
         self.path = path
         return path
 
@@ -309,8 +298,15 @@ def save_rotations(path, model: ModelInfo, form: str, rots: dict, n_tokens: int)
     _write_model(w, model)
     w.add_string("minicache.form", form)
     w.add_uint32("minicache.calibration.n_tokens", n_tokens)
+    _write_rotations(w, sorted(rots.items()), tmp, path)
+    return path
+
+
+def _write_rotations(w, rots, tmp: Path, path: Path) -> None:
+    """Write ((kind, layer), R) tensors and their sha256 into a GGUF being written to tmp, finish it
+    and move it to path."""
     digest = hashlib.sha256()
-    for (kind, layer), r in sorted(rots.items()):
+    for (kind, layer), r in rots:
         r = np.ascontiguousarray(r, dtype=np.float32)
         digest.update(f"{kind}{layer}".encode())
         digest.update(r.tobytes())
@@ -321,7 +317,6 @@ def save_rotations(path, model: ModelInfo, form: str, rots: dict, n_tokens: int)
     w.write_tensors_to_file()
     w.close()
     os.replace(tmp, path)
-    return path
 
 
 def find_rotations(info: ModelInfo, form: str) -> Optional[dict]:
