@@ -29,7 +29,7 @@ LLAMA_CPP_COMMIT = "0c1e57098"  # what 0.3.36 vendors under vendor/llama.cpp
 VARIANTS = ("patched", "stock")
 
 # GGML_NATIVE=OFF always: a native build enables AMX on these CPUs and segfaults in
-# ggml_backend_amx_mul_mat at the first decode (FINDINGS §2).
+# ggml_backend_amx_mul_mat at the first decode (seen on this project's build machines).
 BASE_CMAKE_FLAGS = ("-DGGML_NATIVE=OFF", "-DCMAKE_BUILD_TYPE=Release")
 
 ENGINE_MANIFEST = "engine.json"

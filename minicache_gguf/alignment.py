@@ -1,6 +1,7 @@
 """Alignment math: per-pair orthogonal rotations and the merge they enable, in NumPy.
 
-On small modern models adjacent layers hold nearly orthogonal K/V rows (FINDINGS §1), so the
+On small modern models adjacent layers hold nearly orthogonal K/V rows (`minicache-gguf analyze` measures it: mean cosine
+similarity ≈ 0 on the default model), so the
 paper's merge is very lossy there. For each adjacent pair (l, l+1) and kind (K, V) we fit the
 orthogonal R that best maps unit rows of layer l onto unit rows of layer l+1 (orthogonal
 Procrustes: R = U Vt from SVD(unit(X_l)^T unit(X_l+1))). The engine merges unit(x_l R) with

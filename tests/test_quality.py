@@ -18,7 +18,7 @@ def test_analyze_writes_table_json_and_plot(tmp_path, capsys):
     assert len(res["pairs"]) == 2 * 29 and res["heldout_tokens"] == 256
     raw = np.mean([p["row_raw"]["mean"] for p in res["pairs"]])
     aligned = np.mean([p["row_aligned"]["mean"] for p in res["pairs"]])
-    # FINDINGS §1: adjacent layers are nearly orthogonal raw; the fitted rotation helps on held-out tokens
+    # adjacent layers are nearly orthogonal raw (this model); the fitted rotation helps on held-out tokens
     assert abs(raw) < 0.2 and aligned > raw + 0.2, (raw, aligned)
     for p in res["pairs"]:
         for col in ("row_raw", "row_aligned", "head_raw", "head_aligned"):
