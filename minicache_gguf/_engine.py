@@ -175,15 +175,29 @@ def engine_dir(variant: str = "patched", cuda: bool = False) -> Path:
     return cache_dir() / "engine" / engine_key(variant, cuda)
 
 
+#: where `pip install` (CMakeLists.txt, package build) puts the engine: engine.json + lib/
+PACKAGED_ENGINE = Path(__file__).resolve().parent / "_native"
+
+
+def packaged_lib_dir() -> Path | None:
+    """The engine installed inside the package by its build backend, or None (a source tree)."""
+    d = PACKAGED_ENGINE
+    return d / "lib" if (d / ENGINE_MANIFEST).is_file() and (d / "lib" / "libllama.so").is_file() else None
+
+
 def lib_dir(variant: str = "patched", cuda: bool = False) -> Path:
     """Directory holding libllama.so and libggml*.so for `variant`, built and complete.
 
-    MINICACHE_GGUF_LIB_DIR overrides the lookup for the patched variant (a prebuilt engine)."""
+    The patched variant: MINICACHE_GGUF_LIB_DIR (a prebuilt engine), else the engine installed
+    in the package (pip install; its flavour is the one it was built with), else the source
+    tree's build in the cache."""
     if variant == "patched" and os.environ.get(LIB_DIR_ENV):
         d = Path(os.environ[LIB_DIR_ENV]).expanduser()
         if not (d / "libllama.so").is_file():
             raise EngineNotBuilt(f"{LIB_DIR_ENV}={d} does not contain libllama.so")
         return d
+    if variant == "patched" and packaged_lib_dir() is not None:
+        return packaged_lib_dir()
     d = engine_dir(variant, cuda)
     manifest = d / ENGINE_MANIFEST
     if not manifest.is_file() or not (d / "lib" / "libllama.so").is_file():

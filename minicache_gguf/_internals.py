@@ -3,7 +3,10 @@ face of the engine's C API (engine.py is its bare cffi mirror). The Llama wrappe
 call these functions; nothing above reaches into `llm._ctx`, `llm._batch` or `llm._model`.
 
 Importing this module loads llama_cpp with LLAMA_CPP_LIB_PATH pointing at the patched engine
-built for this source tree (see scripts/build_engine.py).
+(see _engine.lib_dir). An installed package carries llama-cpp-python 0.3.36's Python package in
+_vendor/ (CMakeLists.txt, package build): it goes first on sys.path, so `import llama_cpp` in this
+process is that version, the one the engine's C API matches; a source tree uses the same version
+installed in its .venv by scripts/setup.sh.
 """
 
 from __future__ import annotations
@@ -25,8 +28,13 @@ __all__ = ["llama_cpp", "KvStats", "params_from_config", "set_pending", "last_er
            "token_text", "plain_llama"]
 
 
+VENDORED = Path(__file__).resolve().parent / "_vendor"
+
+
 def _import_llama_cpp():
     lib = _engine.active_lib_dir()
+    if (VENDORED / "llama_cpp" / "__init__.py").is_file() and str(VENDORED) not in sys.path:
+        sys.path.insert(0, str(VENDORED))
     mod = sys.modules.get("llama_cpp.llama_cpp")
     if mod is not None:
         loaded = Path(getattr(mod, "_base_path", "")).resolve()

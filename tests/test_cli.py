@@ -84,3 +84,15 @@ def test_cache_types_like_llama_cpp():
     assert kv["kv_merge"] and kv["tokens_merged"] > 0
     r = run("generate", "-ctk", "q3_k", "-p", "x")
     assert r.returncode == 2 and "'q3_k' is not valid: expected one of f32 (0), f16 (1)" in r.stderr
+
+
+def test_reports_without_matplotlib_name_the_extra(tmp_path, monkeypatch, capsys):
+    """matplotlib is the "plots" extra: without it a report keeps its markdown and JSON and says
+    in one line how to get the PNG."""
+    from minicache_gguf import report
+
+    monkeypatch.setattr(report, "have_matplotlib", lambda: False)
+    drawn = []
+    out = report.write(tmp_path, "x", "# x\n", {"a": 1}, lambda p: drawn.append(p) or p)
+    assert [p.name for p in out] == ["x.md", "x.json"] and not drawn
+    assert 'pip install "minicache-gguf[plots]"' in capsys.readouterr().err
