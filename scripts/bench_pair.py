@@ -5,7 +5,7 @@ the shipped calibration).
     .venv/bin/python scripts/bench_pair.py paper|auto 0|1 N_CTX [--rounds 5] [--per 24]
 
 Two contexts of the default model (f16 KV, n_batch = n_ubatch = 512 on both sides, 2 threads): merging
-off, and merging on (`paper`: MergeConfig(); `auto`: MergeConfig(calibration="auto")), flash
+off, and merging on (`paper`: MergeConfig(calibration="paper"); `auto`: MergeConfig(), the calibrated selection), flash
 attention off (0) or on (1). Each is prefilled once with N_CTX - rounds*per - 8 tokens of Python's
 pydoc topics (prefill on/off = the ratio of the two prefill speeds), then the two decode `per`
 tokens one at a time in turn, `rounds` times: each round's on/off ratio saw the same machine load.
@@ -41,7 +41,7 @@ def main() -> None:
     import pydoc_data.topics as topics
 
     model = str(default_model_path())
-    kv = MergeConfig() if a.merge == "paper" else MergeConfig(calibration="auto")
+    kv = MergeConfig(calibration="paper") if a.merge == "paper" else MergeConfig()
     llms = {name: Llama(model, n_ctx=a.n_ctx, n_batch=512, n_ubatch=512, n_threads=2, flash_attn=a.flash_attn == "1",
                         verbose=False, kv_merge=k) for name, k in (("off", False), ("on", kv))}
     text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))

@@ -73,7 +73,7 @@ extern "C" {
         int32_t attn_rot_v;       // the same for V
         int64_t kv_size;          // cells
         int64_t n_slots;          // exact slots per merged layer and kind (staging + retention)
-        int64_t n_rows;           // rows allocated for them: n_slots + 1 zero row, padded to 256
+        int64_t n_rows;           // rows allocated for them: n_slots + 1 zero row
         int64_t n_stage;          // staging capacity
         int64_t n_retain_max;     // retention capacity
         int64_t kv_bytes;         // bytes of all KV buffers allocated by this cache

@@ -348,7 +348,7 @@ struct llama_minicache_memory_scope {
 // remember why MiniCache was refused (read by llama_minicache_last_error)
 void llama_minicache_set_error(const std::string & msg);
 
-// whether a memory module is a KV cache with merged layers (its ubatches need the host merge step)
+// whether a memory module is a KV cache with merged layers (applying its ubatches runs the merge step)
 bool llama_minicache_active(llama_memory_i * mem);
 
 // graph nodes the merged layers of a memory module add to a stock graph (an upper bound, for
