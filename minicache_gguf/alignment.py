@@ -138,11 +138,13 @@ class CacheSim:
 
 
 def merge_pair(st: kvstate.SeqState, q: PairSpec, t: float, gamma: float, window: int, retention: str = "topk",
-               sim: Optional[CacheSim] = None) -> tuple:
+               sim: Optional[CacheSim] = None, n_ubatch: Optional[int] = None) -> tuple:
     """The rows of layers q.layer and q.layer + 1 (kind q.kind) that the merged engine restores for
     the cells older than the window: dir * norm (* R^T), the most distinct gamma fraction exact.
     sim: the cache types of a float32 state made by CacheSim.stock (the direction is stored as that
-    type stores rows); None for a state of f16/f32 rows."""
+    type stores rows); None for a state of f16/f32 rows. n_ubatch: the state's tokens were
+    evaluated in ubatches of this size, and the exact ones are those the engine's streaming
+    retention keeps over those merge steps (reference.stream_retained); None: one merge step."""
     rows = st.k if q.kind == "k" else st.v
     a, b = q.layer, q.layer + 1
     n_m = max(0, st.n_cells - window)
@@ -150,7 +152,11 @@ def merge_pair(st: kvstate.SeqState, q: PairSpec, t: float, gamma: float, window
     x0, x1 = rows[a][:n_m], rows[b][:n_m]
     m = reference.merge(x0, x1, t, rot=rot, out_dtype=rows[a].dtype if sim is None else np.float32)
     d = m.dir if sim is None else sim.stored(q.kind, m.dir)
-    keep = reference.retain_select(m.dist, gamma, retention)
+    if n_ubatch is None:
+        keep = reference.retain_select(m.dist, gamma, retention)
+    else:
+        keep = reference.stream_retained(m.dist, reference.merge_steps(st.n_cells, window, n_ubatch), gamma,
+                                         mode=retention)
     r0 = reference.restore(d, m.norm0, rot=rot, out_dtype=rows[a].dtype)
     r1 = reference.restore(d, m.norm1, out_dtype=rows[b].dtype)
     r0[keep], r1[keep] = x0[keep], x1[keep]
@@ -159,10 +165,11 @@ def merge_pair(st: kvstate.SeqState, q: PairSpec, t: float, gamma: float, window
 
 def simulate_merge(st: kvstate.SeqState, pairs: list[PairSpec], t: float, gamma: float, window: int,
                    retention: str = "topk", sim: Optional[CacheSim] = None,
-                   cache: Optional[dict] = None) -> kvstate.SeqState:
+                   cache: Optional[dict] = None, n_ubatch: Optional[int] = None) -> kvstate.SeqState:
     """A copy of a stock KV state in which the cells older than the window of each listed
-    (pair, kind) hold what the merged engine restores (merge_pair). cache: (kind, layer) -> the
-    pair's merged rows, filled and reused (a pair's rows do not depend on the other pairs)."""
+    (pair, kind) hold what the merged engine restores (merge_pair, n_ubatch as there). cache:
+    (kind, layer) -> the pair's merged rows, filled and reused (a pair's rows do not depend on the
+    other pairs)."""
     # the untouched layers are shared with st (calibration simulates many selections per run)
     out = kvstate.SeqState(st.seq_id, st.pos, st.seq_ids, st.v_trans, list(st.k), list(st.v))
     n_m = max(0, st.n_cells - window)
@@ -173,7 +180,7 @@ def simulate_merge(st: kvstate.SeqState, pairs: list[PairSpec], t: float, gamma:
         a, b = q.layer, q.layer + 1
         got = None if cache is None else cache.get((q.kind, q.layer))
         if got is None:
-            got = merge_pair(st, q, t, gamma, window, retention, sim)
+            got = merge_pair(st, q, t, gamma, window, retention, sim, n_ubatch)
             if cache is not None:
                 cache[q.kind, q.layer] = got
         rows[a], rows[b] = rows[a].copy(), rows[b].copy()

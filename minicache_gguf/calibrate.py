@@ -46,7 +46,7 @@ from .alignment import FORMS, CacheSim, cosine, fit_all, simulate_merge
 from .metrics import kld_per_token
 from .calfile import (Calibration, CalibrationError, auto_path, find_auto, find_base, find_rotations, load_calibration,
                       rotations_name, save_rotations)
-from .config import DEFAULT_SCORED, GGML_TYPES, ConfigError, MergeConfig, PairSpec
+from .config import DEFAULT_SCORED, GGML_TYPES, ConfigError, MergeConfig, PairSpec, merged_n_ubatch
 from .metrics import KldScorer
 from .model import ModelInfo
 
@@ -228,6 +228,8 @@ def calibrate(model_path, *, form: str = MergeConfig.alignment, max_kld: float =
             t_capture = t_capture or scorers[d].prefill_seconds
             bar.add(plan["capture"])
         spec = lambda c: PairSpec(c[0], c[1], form, rots[c])
+        # the engine's ubatch size for a prompt (its merge steps decide which tokens stay exact)
+        n_ubatch = merged_n_ubatch(window)
         n_measured = 0
         merged_rows = {d: {} for d in scorers}
         simulated = None if sim.plain else sim
@@ -238,7 +240,7 @@ def calibrate(model_path, *, form: str = MergeConfig.alignment, max_kld: float =
             out = {}
             for d, sc in scorers.items():
                 merged = simulate_merge(sc.state, [spec(c) for c in sel], t, gamma, window, sim=simulated,
-                                        cache=merged_rows[d])
+                                        cache=merged_rows[d], n_ubatch=n_ubatch)
                 for k, v in sc.klds(merged).items():
                     out[d if k == "next" else f"{d}:{k}"] = v
             bar.add(plan["measure"])
@@ -249,7 +251,7 @@ def calibrate(model_path, *, form: str = MergeConfig.alignment, max_kld: float =
             proxy.update({c: float(ranking[c[0]][c[1]]) for c in cands})
         elif cands:
             proxy.update(_rank(llm, next(iter(scorers.values())), cands, spec, t, gamma, window, simulated,
-                               lambda: bar.add(plan["rank"])))
+                               lambda: bar.add(plan["rank"]), n_ubatch))
         per_sel = {}
         if layout is not None:
             if not (isinstance(layout, int) and 0 <= layout <= info.n_layer - 2):
@@ -284,7 +286,7 @@ def calibrate(model_path, *, form: str = MergeConfig.alignment, max_kld: float =
     return cal
 
 
-def _rank(llm, sc: KldScorer, cands, spec, t, gamma, window, sim, tick) -> dict:
+def _rank(llm, sc: KldScorer, cands, spec, t, gamma, window, sim, tick, n_ubatch=None) -> dict:
     """The proxy: each candidate's KLD alone, on the first half of a captured context (its cells
     truncated: a causal prefix is the same state), scoring the RANK_TOKENS tokens after it."""
     n = len(sc.context) // 2
@@ -301,7 +303,8 @@ def _rank(llm, sc: KldScorer, cands, spec, t, gamma, window, sim, tick) -> dict:
     tick()
     out = {}
     for c in cands:
-        out[c] = float(kld_per_token(ref, score(simulate_merge(short, [spec(c)], t, gamma, window, sim=sim))).mean())
+        out[c] = float(kld_per_token(ref, score(simulate_merge(short, [spec(c)], t, gamma, window, sim=sim,
+                                                              n_ubatch=n_ubatch))).mean())
         tick()
     return out
 

@@ -8,6 +8,7 @@ float16, as the C code does). See native/minicache.h for the degenerate-input ru
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -16,7 +17,7 @@ RETENTION_MODES = ("topk", "threshold")
 
 __all__ = [
     "ANGLE_EPS", "RETENTION_MODES", "MergeResult", "row_norms", "slerp", "merge", "restore",
-    "angular_distance", "retain_count", "retain_select", "fp32_to_fp16", "fp16_to_fp32",
+    "angular_distance", "retain_count", "retain_select", "StreamingRetention", "merge_steps", "stream_retained", "fp32_to_fp16", "fp16_to_fp32",
     "QUANT_TYPES", "quantize", "dequantize",
 ]
 
@@ -203,6 +204,82 @@ def retain_select(dist, gamma: float, mode: str = "topk") -> np.ndarray:
     k = retain_count(d.size, g)
     order = np.lexsort((np.arange(d.size), -d.astype(np.float64)))  # dist desc, index asc
     keep[order[:k]] = True
+    return keep
+
+
+class StreamingRetention:
+    """The engine's retention rule for one pool over a stream of merge steps (the engine's
+    retain(); docs/architecture.md): after each step the candidates are the merged cells that own
+    a slot (those retained so far and those merged in this step); k of them keep it, the most
+    distinct first (distance descending, then the older token), and the others give it up for good.
+    topk: k = min(retain_count(n_merged, gamma), capacity); threshold: the candidates above
+    dmin + (dmax - dmin)(1 - gamma) over every merged cell, at most capacity."""
+
+    def __init__(self, gamma: float, capacity: int, mode: str = "topk"):
+        if mode not in RETENTION_MODES:
+            raise ValueError(f"retention mode {mode!r} is not valid: expected one of {RETENTION_MODES}")
+        self.gamma, self.capacity, self.mode = float(gamma), int(capacity), mode
+        self.dist: dict = {}      # merged cell -> distance (float32)
+        self.order: dict = {}     # merged cell -> stage order (older: smaller)
+        self.retained: set = set()
+
+    def merge(self, cells, dists, orders) -> set:
+        """One merge step: cells merged now, their distances and stage orders; the retained set."""
+        for c, d, o in zip(cells, dists, orders):
+            self.dist[c], self.order[c] = np.float32(d), o
+        cand = sorted(self.retained | set(cells), key=lambda c: (-float(self.dist[c]), self.order[c]))
+        if self.mode == "topk":
+            k = min(retain_count(len(self.dist), self.gamma), self.capacity)
+        else:
+            d = np.array(list(self.dist.values()), dtype=np.float32)
+            g32 = float(np.float32(self.gamma))
+            thr = float(d.min()) + (float(d.max()) - float(d.min())) * (1.0 - g32)
+            k = min(sum(float(self.dist[c]) > thr for c in cand), self.capacity)
+        self.retained = set(cand[:k])
+        return self.retained
+
+    def remove(self, cells) -> None:
+        """Cells freed (seq_rm): they leave the merged set and give their slot back."""
+        for c in cells:
+            self.dist.pop(c, None)
+            self.order.pop(c, None)
+            self.retained.discard(c)
+
+
+def merge_steps(n_cells: int, window: int, n_ubatch: int) -> list:
+    """Sizes of the merge steps a prompt of n_cells tokens goes through in ubatches of n_ubatch
+    (the engine's prepare(): before each ubatch, the staged tokens beyond the window, and enough of
+    the oldest to fit the ubatch in the staging pool of max(window, n_ubatch), are merged), then a
+    last step merging what the next token leaves: n_cells - window merged in all, in token order."""
+    if window < 1 or n_ubatch < 1:
+        raise ValueError(f"window={window}, n_ubatch={n_ubatch}: expected positive integers")
+    n_stage, staged, steps = max(window, n_ubatch), 0, []
+    for c0 in range(0, n_cells, n_ubatch):
+        n_new = min(n_ubatch, n_cells - c0)
+        n_merge = max(0, staged - window, staged + n_new - n_stage)
+        if n_merge:
+            steps.append(n_merge)
+        staged += n_new - n_merge
+    rest = max(0, n_cells - window) - sum(steps)
+    if rest > 0:
+        steps.append(rest)
+    return steps
+
+
+def stream_retained(dist, steps, gamma: float, capacity: Optional[int] = None, mode: str = "topk") -> np.ndarray:
+    """Boolean mask of the merged tokens (token order, distances dist) the engine keeps exact after
+    merging them in steps of the given sizes (StreamingRetention)."""
+    d = np.asarray(dist, dtype=np.float32)
+    if sum(steps) != d.size:
+        raise ValueError(f"merge steps {list(steps)} cover {sum(steps)} tokens, dist has {d.size}")
+    rule = StreamingRetention(gamma, d.size if capacity is None else capacity, mode)
+    c0 = 0
+    for n in steps:
+        cells = range(c0, c0 + n)
+        rule.merge(cells, d[c0:c0 + n], cells)
+        c0 += n
+    keep = np.zeros(d.size, dtype=bool)
+    keep[list(rule.retained)] = True
     return keep
 
 

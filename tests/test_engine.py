@@ -268,3 +268,71 @@ def test_threshold_retention_in_the_engine(model_path, tokens):
             else:  # bounded: the most distinct of them
                 assert (state == 3).sum() == llm.kv_stats().retention_capacity
                 assert dist[state == 3].min() >= dist[(state == 2) & want].max()
+
+
+@pytest.mark.parametrize("retention", ["topk", "threshold"])
+def test_retention_over_many_steps_and_a_seq_rm_follows_the_streaming_rule(model_path, tokens, retention):
+    """Many merge steps (ubatches of 32 tokens, window 32), a seq_rm of merged and staged cells in
+    the middle, then more steps: after every ubatch each merged pool's retained set is the one the
+    reference's streaming rule (reference.StreamingRetention) gives for the same merge steps and
+    the engine's distances (the single-step oracle above ties those to the reference merge)."""
+    w, u, gamma = 32, 48, 0.1  # a ubatch larger than the window: the staging pool holds u
+    cfg = MergeConfig(calibration="paper", window=w, gamma=gamma, retention=retention)
+    llm = Llama(model_path, n_ctx=1024, n_batch=u, n_ubatch=u, verbose=False, kv_merge=cfg)
+    cap = llm.kv_stats().retention_capacity
+    pools = [(a, kind) for a, _ in merged_pairs(cfg) for kind in ("k", "v")]
+    refs = {p: reference.StreamingRetention(gamma, cap, retention) for p in pools}
+    order = {}        # cell -> stage order, as the test staged them
+    counter = iter(range(10**9))
+    staged = set()
+    n_steps = 0
+    sizes = []        # tokens merged by each merge step
+
+    def step(toks):
+        nonlocal n_steps
+        before = set(staged)
+        c0 = llm.n_tokens
+        llm.eval(toks)
+        new = set(range(c0, c0 + len(toks)))
+        for c in sorted(new):
+            order[c] = next(counter)
+        for p in pools:
+            state, dist = _internals.get_cells(llm._ctx.ctx, p[0], p[1], 0, llm.n_tokens)
+            merged_now = sorted((c for c in before if state[c] in (2, 3)), key=lambda c: order[c])
+            if p == pools[0] and merged_now:
+                sizes.append(len(merged_now))
+            want = refs[p].merge(merged_now, dist[merged_now], [order[c] for c in merged_now]) if merged_now \
+                else refs[p].retained
+            got = set(np.flatnonzero(state == 3).tolist())
+            assert got == want, (p, n_steps, sorted(got ^ want))
+            assert set(np.flatnonzero(state == 1).tolist()) == (before - set(merged_now)) | new
+        staged.clear()
+        staged.update(np.flatnonzero(_internals.get_cells(llm._ctx.ctx, pools[0][0], "k", 0, llm.n_tokens)[0] == 1).tolist())
+        n_steps += 1
+
+    for i in range(0, 384, u):
+        step(tokens[i:i + u])
+    stats = llm.kv_stats()
+    assert stats.tokens_merged == 384 - u
+    # the merge steps the calibration's simulation assumes for a prompt in ubatches of u (its last
+    # one is what the next token merges)
+    assert sizes + [u - w] == reference.merge_steps(384, w, u)
+    # seq_rm of the last 64 cells (48 staged + 16 merged), as llama-cpp-python does for a new suffix
+    cut = 384 - 64
+    llm.n_tokens = cut
+    for p in pools:
+        refs[p].remove(range(cut, 384))
+    staged.difference_update(range(cut, 384))
+    for c in range(cut, 384):
+        order.pop(c)
+    for i in range(0, 240, u):
+        step(tokens[1000 + i:1000 + i + u])
+    assert n_steps == 13
+    assert llm.kv_stats().tokens_merged == cut + 240 - u
+    # the streaming rule is not a top-k over all merged cells: this run shows the difference
+    p = pools[0]
+    state, dist = _internals.get_cells(llm._ctx.ctx, p[0], p[1], 0, llm.n_tokens)
+    merged = np.flatnonzero(np.isin(state, (2, 3)))
+    if retention == "topk":
+        top = set(merged[reference.retain_select(dist[merged], gamma)].tolist())
+        assert top != set(np.flatnonzero(state == 3).tolist())

@@ -362,3 +362,19 @@ def test_c_status_codes():
     assert lib.minicache_retain_select(f(d), 2, -0.1, 0, f(keep, "uint8_t *")) == lib.MINICACHE_ERR_PARAM
     for s in range(-6, 1):
         assert ffi.string(lib.minicache_status_str(s)) != b"unknown status"
+
+
+def test_streaming_retention_of_one_step_is_the_top_k():
+    """One merge step: the streaming rule keeps what retain_select keeps (the single-step oracle
+    and the calibration's one-step simulation rely on it); several steps keep another set."""
+    rng = np.random.default_rng(7)
+    d = rng.random(1000).astype(np.float32)
+    for mode in ("topk", "threshold"):
+        assert np.array_equal(reference.stream_retained(d, [1000], 0.05, mode=mode), reference.retain_select(d, 0.05, mode))
+    assert reference.merge_steps(1000, 256, 256) == [256, 256, 232]
+    # staging pool of 48: each ubatch of 48 merges the 48 staged before it; the last ubatch (40)
+    # merges 40; the next token leaves the window of 32: 16 more
+    assert reference.merge_steps(1000, 32, 48) == [48] * 19 + [40, 16]
+    many = reference.stream_retained(d[:968], reference.merge_steps(1000, 32, 48), 0.05)
+    assert many.sum() == reference.retain_count(968, 0.05)
+    assert not np.array_equal(many, reference.retain_select(d[:968], 0.05))
