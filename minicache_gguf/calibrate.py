@@ -18,7 +18,10 @@ only along the selection path:
      selections have been measured.
 
 A selection's KLD is the worst, over domains and their retrieval probes, of the mean KLD against
-the stock cache of the same type (for q8_0/q4_0: the merge's cost on top of the quantization's).
+the stock f16 cache; for q8_0/q4_0, what merging adds to the quantization's error: the mean KLD
+against the unquantized model's logits minus the stock q8_0/q4_0 cache's (metrics.KldScorer.klds_added).
+The exact tokens are those the engine's streaming retention keeps for a prompt in its default
+ubatches (reference.merge_steps, stream_retained).
 
 pairs_for() resolves a MergeConfig's calibration for a model and cache types: "paper" (none),
 a file, or "auto" — shipped or cached for these settings; else re-scored from a calibration of
@@ -241,7 +244,7 @@ def calibrate(model_path, *, form: str = MergeConfig.alignment, max_kld: float =
             for d, sc in scorers.items():
                 merged = simulate_merge(sc.state, [spec(c) for c in sel], t, gamma, window, sim=simulated,
                                         cache=merged_rows[d], n_ubatch=n_ubatch)
-                for k, v in sc.klds(merged).items():
+                for k, v in (sc.klds(merged) if simulated is None else sc.klds_added(merged)).items():
                     out[d if k == "next" else f"{d}:{k}"] = v
             bar.add(plan["measure"])
             return out
@@ -290,8 +293,9 @@ def _rank(llm, sc: KldScorer, cands, spec, t, gamma, window, sim, tick, n_ubatch
     """The proxy: each candidate's KLD alone, on the first half of a captured context (its cells
     truncated: a causal prefix is the same state), scoring the RANK_TOKENS tokens after it."""
     n = len(sc.context) // 2
-    st = sc.state
-    short = kvstate.SeqState(st.seq_id, st.pos[:n], st.seq_ids[:n], st.v_trans, [x[:n] for x in st.k], [x[:n] for x in st.v])
+    cut = lambda st: kvstate.SeqState(st.seq_id, st.pos[:n], st.seq_ids[:n], st.v_trans, [x[:n] for x in st.k],
+                                      [x[:n] for x in st.v])
+    short = cut(sc.state)
     toks = sc.context[n:n + RANK_TOKENS]
 
     def score(state) -> np.ndarray:
@@ -299,7 +303,9 @@ def _rank(llm, sc: KldScorer, cands, spec, t, gamma, window, sim, tick, n_ubatch
         llm.n_tokens = n
         return _internals.eval_logits(llm, toks)
 
-    ref = score(short)
+    # a simulated cache type: ranked against the unquantized model (the stock type's own error is the
+    # same for every candidate, so this orders them by what they add to it)
+    ref = score(short if sc.exact_state is None else cut(sc.exact_state))
     tick()
     out = {}
     for c in cands:

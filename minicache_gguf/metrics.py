@@ -43,12 +43,19 @@ class KldScorer:
         self.prefill_seconds = time.perf_counter() - t0
         self.blob = _internals.seq_state(llm)
         self.state = kvstate.parse_seq_state(self.blob)
+        #: the unquantized model's logits (a simulated stock cache only): what klds_added measures against
+        self.exact_state, self.exact_refs, self.base = None, None, None
         if stock is not None:
+            self.exact_state = self.state
+            self.exact_refs = {k: self._score(v) for k, v in self.continuations.items()}
             self.state = stock(self.state)
             self.blob = kvstate.serialize_seq_state(self.state)
             _internals.set_seq_state(llm, self.blob)
         self.refs = {k: self._score(v) for k, v in self.continuations.items()}
         self.ref = self.refs["next"]
+        if stock is not None:
+            #: the stock cache type's own mean KLD against the unquantized model, per continuation
+            self.base = {k: float(kld_per_token(self.exact_refs[k], self.refs[k]).mean()) for k in self.refs}
 
     @property
     def scored(self) -> list[int]:
@@ -69,3 +76,12 @@ class KldScorer:
         """Mean KLD of every continuation (the state is loaded once)."""
         _internals.set_seq_state(self.llm, kvstate.serialize_seq_state(state))
         return {k: float(kld_per_token(self.refs[k], self._score(v)).mean()) for k, v in self.continuations.items()}
+
+    def klds_added(self, state: kvstate.SeqState) -> dict:
+        """A simulated stock cache only: what an edit adds to the stock type's own error, per
+        continuation: mean KLD against the unquantized model's logits, minus the stock cache's."""
+        if self.exact_refs is None:
+            raise ValueError("klds_added needs a scorer made with stock= (a simulated cache type)")
+        _internals.set_seq_state(self.llm, kvstate.serialize_seq_state(state))
+        return {k: float(kld_per_token(self.exact_refs[k], self._score(v)).mean()) - self.base[k]
+                for k, v in self.continuations.items()}

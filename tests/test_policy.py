@@ -103,3 +103,28 @@ def test_cache_simulation_holds_what_the_engine_holds(model_path, qtype):
         assert off.mean() < 0.01, f"{qtype} {kind}: {off.mean():.2%} of values differ"
         assert np.abs(got - want).max() <= 0.2 * scale
     mc.close()
+
+
+def test_a_quantized_selection_is_scored_by_what_it_adds_to_the_type(model_path):
+    """On a simulated q4_0 cache the selection's KLD is measured against the unquantized model and
+    the stock q4_0 cache's own KLD is subtracted: the stock state adds 0, the unquantized state
+    takes the type's whole error away, and an edit that is worse than q4_0 adds a positive amount."""
+    from minicache_gguf import corpus, metrics
+    from minicache_gguf.alignment import CacheSim
+
+    n, e = 160, 24
+    f32 = _internals.plain_llama(model_path, n_ctx=512, n_batch=512, flash_attn=True, verbose=False,
+                                 type_k=0, type_v=0)  # GGML_TYPE_F32, as calibrate scores a simulated cache
+    toks = corpus.tokens_for(f32, corpus.builtin_text("eval"), n + e, "eval")
+    sim = CacheSim("q4_0", "q4_0", 64, 64)
+    sc = metrics.KldScorer(f32, toks[:n], toks[n:n + e], stock=sim.stock)
+    assert sc.base["next"] > 0
+    assert sc.klds_added(sc.state)["next"] == pytest.approx(0.0, abs=1e-9)
+    assert sc.klds_added(sc.exact_state)["next"] == pytest.approx(-sc.base["next"], abs=1e-9)
+    # every layer's V rows of the first half zeroed: far worse than q4_0
+    st = sc.state
+    worse = type(st)(st.seq_id, st.pos, st.seq_ids, st.v_trans, list(st.k), [x.copy() for x in st.v])
+    for x in worse.v:
+        x[: n // 2] = 0
+    assert sc.klds_added(worse)["next"] > sc.base["next"]
+    f32.close()
