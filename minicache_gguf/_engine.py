@@ -196,8 +196,9 @@ def lib_dir(variant: str = "patched", cuda: bool = False) -> Path:
         if not (d / "libllama.so").is_file():
             raise EngineNotBuilt(f"{LIB_DIR_ENV}={d} does not contain libllama.so")
         return d
-    if variant == "patched" and packaged_lib_dir() is not None:
-        return packaged_lib_dir()
+    packaged = packaged_lib_dir() if variant == "patched" else None
+    if packaged is not None:
+        return packaged
     d = engine_dir(variant, cuda)
     manifest = d / ENGINE_MANIFEST
     if not manifest.is_file() or not (d / "lib" / "libllama.so").is_file():
