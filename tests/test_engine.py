@@ -336,3 +336,47 @@ def test_retention_over_many_steps_and_a_seq_rm_follows_the_streaming_rule(model
     if retention == "topk":
         top = set(merged[reference.retain_select(dist[merged], gamma)].tolist())
         assert top != set(np.flatnonzero(state == 3).tolist())
+
+
+@pytest.mark.parametrize("failing", ["stats", "round0", "round1"])
+def test_a_failed_merge_step_is_completed_by_the_retry(model_path, tokens, monkeypatch, failing):
+    """A merge step whose graph fails (injected with LLAMA_MINICACHE_FAIL_GRAPH: the distances
+    graph, the graph writing the demoted cells' directions, or the one that then frees, zeroes and
+    writes norms) fails that decode with the engine's reason; decoding the same token again gives
+    the same cache and logits as a run where nothing failed. A decoding step that merges runs three
+    graphs on one backend: distances, round 0, round 1."""
+    cfg = MergeConfig(calibration="paper", window=32)
+    pools = [(a, kind) for a, _ in merged_pairs(cfg) for kind in ("k", "v")]
+
+    def run(fail_at=None):
+        if fail_at is not None:
+            monkeypatch.setenv("LLAMA_MINICACHE_FAIL_GRAPH", str(fail_at))
+        llm = Llama(model_path, n_ctx=512, flash_attn=True, verbose=False, kv_merge=cfg)
+        monkeypatch.delenv("LLAMA_MINICACHE_FAIL_GRAPH", raising=False)
+        llm.eval(tokens[:100])
+        graphs, failed = [], 0
+        for t in tokens[100:120]:
+            try:
+                llm.eval([t])
+            except RuntimeError as e:
+                assert "LLAMA_MINICACHE_FAIL_GRAPH" in str(e), e
+                failed += 1
+                llm.eval([t])
+            graphs.append(llm.kv_stats().merge_graphs)
+        logits = _internals.eval_logits(llm, tokens[120:121])
+        rows = [_internals.get_rows(llm._ctx.ctx, il, kind, 0, llm.n_tokens, N_EMBD) for a, kind in pools for il in (a, a + 1)]
+        cells = [_internals.get_cells(llm._ctx.ctx, a, kind, 0, llm.n_tokens) for a, kind in pools]
+        return graphs, failed, logits, rows, cells, llm.kv_stats()
+
+    graphs, _, logits, rows, cells, stats = run()
+    assert graphs[10] - graphs[9] == 3  # one decoding step that merges: three graphs
+    fail_at = graphs[9] + ("stats", "round0", "round1").index(failing)
+    _, failed, logits2, rows2, cells2, stats2 = run(fail_at)
+    assert failed == 1
+    assert stats2.tokens_merged == stats.tokens_merged and stats2.tokens_retained == stats.tokens_retained
+    for (s, d), (s2, d2) in zip(cells, cells2):
+        np.testing.assert_array_equal(s2, s)
+        np.testing.assert_array_equal(d2, d)
+    for r, r2 in zip(rows, rows2):
+        np.testing.assert_array_equal(r2, r)
+    np.testing.assert_array_equal(logits2, logits)

@@ -98,6 +98,10 @@ extern "C" {
     // why MiniCache was refused on this thread ("" if it was not); context creation fails then
     LLAMA_API const char * llama_minicache_last_error(void);
 
+    // the getters below only read: they wait for ctx's pending computation (llama_synchronize) and never
+    // change the cache (seq_rm and seq_keep release freed cells at once); like llama_decode, they must
+    // not be called while another thread uses ctx
+
     // layout and fill of ctx's KV cache (merged or not: start_layer = -1 when nothing is merged);
     // false if ctx's memory is not a KV cache
     LLAMA_API bool llama_minicache_get_stats(const struct llama_context * ctx, struct llama_minicache_stats * out);

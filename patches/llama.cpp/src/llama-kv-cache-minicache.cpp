@@ -236,6 +236,10 @@ llama_kv_minicache::llama_kv_minicache(
 
     const int32_t n_layer = (int32_t) hparams.n_layer();
 
+    if (const char * s = getenv("LLAMA_MINICACHE_FAIL_GRAPH")) {
+        fail_graph = atoll(s);
+    }
+
     if (hparams.swa_type != LLAMA_SWA_TYPE_NONE || hparams.is_swa_any()) {
         throw std::runtime_error("models with sliding-window attention (iSWA caches, e.g. Gemma 3) are not supported yet");
     }
@@ -1341,6 +1345,10 @@ void llama_kv_minicache::compute(size_t ib, ggml_cgraph * gf, const std::vector<
     for (const auto & in : inputs) {
         ggml_backend_tensor_set(in.first, in.second.data(), 0, in.second.size());
     }
+    if (n_graphs == fail_graph) {
+        fail_graph = -1;
+        throw std::runtime_error(format("the merge step failed on the %s backend (LLAMA_MINICACHE_FAIL_GRAPH)", ggml_backend_name(be.backend)));
+    }
     if (ggml_backend_graph_compute(be.backend, gf) != GGML_STATUS_SUCCESS) {
         throw std::runtime_error(format("the merge step failed on the %s backend", ggml_backend_name(be.backend)));
     }
@@ -1537,7 +1545,10 @@ void llama_kv_minicache::flush() {
     init_backends();
 
     // two rounds: the demoted cells' directions (reading their exact rows), then what frees, zeroes and
-    // scales (the rows read in the first round are zeroed in the second)
+    // scales (the rows read in the first round are zeroed in the second). A round-0 graph overwrites
+    // the rows it reads, so its pools' demotions are dropped as soon as it has run; everything else is
+    // dropped after round 1. Every write of round 1 is idempotent: a flush that fails anywhere leaves
+    // pending exactly what has not been written, and the next flush completes it.
     for (int round = 0; round < 2; ++round) {
         for (size_t ib = 0; ib < backends.size(); ++ib) {
             const size_t n_graph = 64 + 256*pools.size();
@@ -1547,8 +1558,8 @@ void llama_kv_minicache::flush() {
             ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_graph, false);
             std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> inputs;
 
+            std::vector<size_t> mine;
             if (round == 0) {
-                std::vector<size_t> mine;
                 for (size_t ip = 0; ip < pools.size(); ++ip) {
                     if (!pools[ip].pend_demote.empty() && backend_of(pools[ip].dir) == ib) {
                         mine.push_back(ip);
@@ -1610,6 +1621,9 @@ void llama_kv_minicache::flush() {
 
             if (ggml_graph_n_nodes(gf) > 0) {
                 compute(ib, gf, inputs);
+            }
+            for (size_t ip : mine) {
+                pools[ip].pend_demote.clear();
             }
         }
     }
@@ -2247,7 +2261,6 @@ bool llama_minicache_get_stats(const llama_context * ctx, llama_minicache_stats 
     llama_synchronize(const_cast<llama_context *>(ctx));
     *out = {};
     if (kv->get_minicache()) {
-        kv->minicache_sync();
         kv->get_minicache()->fill_stats(*out);
     } else {
         out->n_layer     = (int32_t) ctx->get_model().hparams.n_layer();
@@ -2296,6 +2309,5 @@ int32_t llama_minicache_get_cells(const llama_context * ctx, int32_t il, int32_t
         return -1;
     }
     llama_synchronize(const_cast<llama_context *>(ctx));
-    kv->minicache_sync();
     return kv->get_minicache()->get_cells(il, kind, c0, n, state, dist);
 }

@@ -266,6 +266,9 @@ private:
     std::vector<merge_backend> backends;
     mutable int64_t n_host_rows = 0;
     int64_t         n_graphs    = 0;
+    // LLAMA_MINICACHE_FAIL_GRAPH=N (read at creation): the merge graph run as number N fails once, as a
+    // backend failure would (tests of the recovery from a failed merge step)
+    int64_t         fail_graph  = -1;
 
     ggml_type type_of(int kind) const { return kind == KIND_K ? type_k : type_v; }
 
