@@ -46,6 +46,9 @@ LAYOUTS = {
     "phi3": Layout("phi3", 384, 4, 4, 96, what="Phi-3: MHA, heads of 96, fused q/k/v and gate/up"),
     # Phi-2-like head width 80: not a multiple of a q8_0/q4_0 block (32)
     "llama-h80": Layout("llama", 256, 4, 4, 80, what="head width 80 (not a multiple of a 32-value block)"),
+    # Llama 3 8B's layer width (n_embd 4096, 32 heads, 8 KV heads x 128), small n_ff: memory and timing
+    # at full layer width (scripts/wide_memory.py); not in tests/test_layouts.py's matrix
+    "llama-8b-width": Layout("llama", 4096, 32, 8, 128, what="Llama 3 8B width (4 layers)"),
 }
 
 

@@ -209,6 +209,87 @@ static void mc_restore_row(ggml_type type, const void * dir, float norm, int64_t
 #endif
 }
 
+// max |B B^T - I| over the b x b row-major blocks of r (NaN if any value is not finite): b^3 per block.
+// A block wider than MC_ORTHO_EXACT_MAX (a full rotation of a wide model: 7e10 products at 4096) is
+// checked on MC_ORTHO_PROBES fixed pseudo-random vectors x instead: max |x B B^T - x| / |x|
+static constexpr uint32_t MC_ORTHO_EXACT_MAX = 1024;
+static constexpr int      MC_ORTHO_PROBES    = 16;
+
+static double mc_orthogonality_error(const std::vector<float> & r, uint32_t b) {
+    double err = 0.0;
+    for (float v : r) {
+        if (!std::isfinite(v)) {
+            return NAN;
+        }
+    }
+    std::vector<double> y(b), z(b), x(b);
+    for (size_t off = 0; off + (size_t) b*b <= r.size(); off += (size_t) b*b) {
+        const float * m = r.data() + off;
+        if (b <= MC_ORTHO_EXACT_MAX) {
+            for (uint32_t i = 0; i < b; ++i) {
+                for (uint32_t j = i; j < b; ++j) {
+                    double acc = 0.0;
+                    for (uint32_t k = 0; k < b; ++k) {
+                        acc += (double) m[(size_t) i*b + k]*m[(size_t) j*b + k];
+                    }
+                    err = std::max(err, std::fabs(acc - (i == j ? 1.0 : 0.0)));
+                }
+            }
+            continue;
+        }
+        uint64_t state = 0x9e3779b97f4a7c15ull;
+        for (int t = 0; t < MC_ORTHO_PROBES; ++t) {
+            double nx = 0.0;
+            for (uint32_t i = 0; i < b; ++i) {
+                state = state*6364136223846793005ull + 1442695040888963407ull;
+                x[i] = (double) (state >> 11)/(double) (1ull << 53) - 0.5;
+                nx += x[i]*x[i];
+            }
+            nx = std::sqrt(nx);
+            std::fill(y.begin(), y.end(), 0.0);
+            for (uint32_t i = 0; i < b; ++i) {      // y = x B
+                for (uint32_t j = 0; j < b; ++j) {
+                    y[j] += x[i]*m[(size_t) i*b + j];
+                }
+            }
+            for (uint32_t i = 0; i < b; ++i) {      // z = y B^T
+                double acc = 0.0;
+                for (uint32_t j = 0; j < b; ++j) {
+                    acc += y[j]*m[(size_t) i*b + j];
+                }
+                z[i] = acc;
+            }
+            for (uint32_t i = 0; i < b; ++i) {
+                err = std::max(err, std::fabs(z[i] - x[i])/nx);
+            }
+        }
+    }
+    return err;
+}
+
+// one restored row of a rotated layer or not (rot: the pool's blocks of width r_block, or null)
+static void mc_restore_row_blocks(ggml_type type, const void * dir, float norm, int64_t n_embd, const float * rot, uint32_t r_block,
+        float * out) {
+    if (rot == nullptr || (int64_t) r_block == n_embd) {
+        mc_restore_row(type, dir, norm, n_embd, rot, out);
+        return;
+    }
+    // a block diagonal R restores each head on its own (the same rounding per value as a full R)
+    std::vector<float> f;
+    ggml_type t = type;
+    const uint8_t * src = (const uint8_t *) dir;
+    if (!mc_native(type)) {
+        f.resize(n_embd);
+        row_to_f32(type, dir, n_embd, f.data());
+        src = (const uint8_t *) f.data();
+        t   = GGML_TYPE_F32;
+    }
+    const size_t es = ggml_type_size(t);
+    for (int64_t h = 0; h*r_block < n_embd; ++h) {
+        mc_restore_row(t, src + (size_t) h*r_block*es, norm, r_block, rot + (size_t) h*r_block*r_block, out + h*r_block);
+    }
+}
+
 static uint32_t mc_retain_count(uint32_t n, float gamma) {
 #ifdef LLAMA_MINICACHE
     return (uint32_t) minicache_retain_count(n, gamma);
@@ -342,31 +423,10 @@ llama_kv_minicache::llama_kv_minicache(
                 throw std::runtime_error(format("%c pair (%d, %d): the rotation holds %zu values, expected %zu (%s, %c rows of %u = %u heads x %u)",
                         kc, a, b, q.r.size(), n_expected, q.rot == LLAMA_MINICACHE_ROT_FULL ? "full" : "per head", kc, d, p.n_head_kv, dh));
             }
-            // the full matrix (block diagonal for ROT_HEAD), for the host merge
-            p.r_full.assign((size_t) d*d, 0.0f);
-            if (q.rot == LLAMA_MINICACHE_ROT_FULL) {
-                p.r_full = q.r;
-            } else {
-                for (uint32_t h = 0; h < p.n_head_kv; ++h) {
-                    for (uint32_t i = 0; i < dh; ++i) {
-                        for (uint32_t j = 0; j < dh; ++j) {
-                            p.r_full[(size_t) (h*dh + i)*d + h*dh + j] = q.r[(size_t) h*dh*dh + i*dh + j];
-                        }
-                    }
-                }
-            }
-            // orthogonal: R R^T = I
-            double err_max = 0.0;
-            for (uint32_t i = 0; i < d; ++i) {
-                for (uint32_t j = 0; j < d; ++j) {
-                    double acc = 0.0;
-                    for (uint32_t k = 0; k < d; ++k) {
-                        acc += (double) p.r_full[(size_t) i*d + k]*p.r_full[(size_t) j*d + k];
-                    }
-                    err_max = std::max(err_max, std::fabs(acc - (i == j ? 1.0 : 0.0)));
-                }
-            }
-            if (err_max > 1e-3) {
+            p.r       = q.r;
+            p.r_block = q.rot == LLAMA_MINICACHE_ROT_FULL ? d : dh;
+            const double err_max = mc_orthogonality_error(p.r, p.r_block);
+            if (!(err_max <= 1e-3)) {
                 throw std::runtime_error(format("%c pair (%d, %d): the rotation is not orthogonal (max |R R^T - I| = %.3g, expected <= 1e-3)",
                         kc, a, b, err_max));
             }
@@ -458,23 +518,14 @@ void llama_kv_minicache::upload_rotations() {
         }
         // K: the decoding fold computes q * R, which reads R by columns (element (i, j) = R[i][j] with i
         // contiguous): R^T row-major. V: the fold computes u * R^T: R row-major as given
-        const uint32_t d  = p.n_embd;
-        const uint32_t dh = p.n_embd_head;
         std::vector<float> buf(ggml_nelements(p.rot_t));
-        if (p.rot == LLAMA_MINICACHE_ROT_FULL) {
-            for (uint32_t i = 0; i < d; ++i) {
-                for (uint32_t j = 0; j < d; ++j) {
-                    buf[(size_t) j*d + i] = p.kind == KIND_K ? p.r_full[(size_t) i*d + j] : p.r_full[(size_t) j*d + i];
-                }
-            }
-        } else {
-            for (uint32_t h = 0; h < p.n_head_kv; ++h) {
-                for (uint32_t i = 0; i < dh; ++i) {
-                    for (uint32_t j = 0; j < dh; ++j) {
-                        const float r_ij = p.r_full[(size_t) (h*dh + i)*d + h*dh + j];
-                        const float r_ji = p.r_full[(size_t) (h*dh + j)*d + h*dh + i];
-                        buf[(size_t) h*dh*dh + j*dh + i] = p.kind == KIND_K ? r_ij : r_ji;
-                    }
+        GGML_ASSERT(buf.size() == p.r.size());
+        const uint32_t b = p.r_block;
+        for (size_t off = 0; off < p.r.size(); off += (size_t) b*b) {
+            const float * m = p.r.data() + off;
+            for (uint32_t i = 0; i < b; ++i) {
+                for (uint32_t j = 0; j < b; ++j) {
+                    buf[off + (size_t) j*b + i] = p.kind == KIND_K ? m[(size_t) i*b + j] : m[(size_t) j*b + i];
                 }
             }
         }
@@ -513,26 +564,29 @@ void llama_kv_minicache::set_attn_rot(bool rot_k, bool rot_v, uint32_t n_embd_he
         // the cache holds x H (H symmetric and orthogonal, one block of n per n values of a row):
         // x_a R merged with x_b is (x_a H)(H R H) merged with x_b H. Per-head R stays per head (n | n_embd_head)
         const std::vector<float> & h = it->second;
-        const uint32_t d = p.n_embd;
-        std::vector<double> tmp((size_t) d*d, 0.0);
-        for (uint32_t i = 0; i < d; ++i) {
-            const uint32_t bi = i - i % n;
-            for (uint32_t j = 0; j < d; ++j) {
-                double acc = 0.0;
-                for (uint32_t k = 0; k < n; ++k) {
-                    acc += (double) h[(size_t) (i - bi)*n + k]*p.r_full[(size_t) (bi + k)*d + j];
+        const uint32_t b = p.r_block;
+        std::vector<double> tmp((size_t) b*b);
+        for (size_t off = 0; off < p.r.size(); off += (size_t) b*b) {
+            float * m = p.r.data() + off;
+            for (uint32_t i = 0; i < b; ++i) {
+                const uint32_t bi = i - i % n;
+                for (uint32_t j = 0; j < b; ++j) {
+                    double acc = 0.0;
+                    for (uint32_t k = 0; k < n; ++k) {
+                        acc += (double) h[(size_t) (i - bi)*n + k]*m[(size_t) (bi + k)*b + j];
+                    }
+                    tmp[(size_t) i*b + j] = acc; // (H R)[i][j]
                 }
-                tmp[(size_t) i*d + j] = acc; // (H R)[i][j]
             }
-        }
-        for (uint32_t i = 0; i < d; ++i) {
-            for (uint32_t j = 0; j < d; ++j) {
-                const uint32_t bj = j - j % n;
-                double acc = 0.0;
-                for (uint32_t k = 0; k < n; ++k) {
-                    acc += tmp[(size_t) i*d + bj + k]*h[(size_t) k*n + (j - bj)];
+            for (uint32_t i = 0; i < b; ++i) {
+                for (uint32_t j = 0; j < b; ++j) {
+                    const uint32_t bj = j - j % n;
+                    double acc = 0.0;
+                    for (uint32_t k = 0; k < n; ++k) {
+                        acc += tmp[(size_t) i*b + bj + k]*h[(size_t) k*n + (j - bj)];
+                    }
+                    m[(size_t) i*b + j] = (float) acc;
                 }
-                p.r_full[(size_t) i*d + j] = (float) acc;
             }
         }
     }
@@ -1979,7 +2033,8 @@ int32_t llama_kv_minicache::get_rows(int32_t il, int kind, int32_t c0, int32_t n
         } else {
             const float norm = p.norm_host[x][c];
             read_vec(p, p.dir, c, buf.data());
-            mc_restore_row(type, buf.data(), norm, p.n_embd, x == 0 && p.rot != LLAMA_MINICACHE_ROT_NONE ? p.r_full.data() : nullptr, dst);
+            mc_restore_row_blocks(type, buf.data(), norm, p.n_embd, x == 0 && p.rot != LLAMA_MINICACHE_ROT_NONE ? p.r.data() : nullptr,
+                    p.r_block, dst);
         }
     }
     return (int32_t) p.n_embd;
@@ -1990,11 +2045,15 @@ int32_t llama_kv_minicache::get_rotation(int32_t il, int kind, float * out, int3
     if (p.rot == LLAMA_MINICACHE_ROT_NONE) {
         return 0;
     }
-    const int32_t n_r = (int32_t) p.r_full.size();
-    if (out) {
-        memcpy(out, p.r_full.data(), sizeof(float)*std::min(n, n_r));
+    // the blocks on the diagonal of an n_embd x n_embd matrix
+    const size_t d = p.n_embd;
+    const size_t b = p.r_block;
+    for (size_t e = 0; out && e < std::min((size_t) n, d*d); ++e) {
+        const size_t i = e / d;
+        const size_t j = e % d;
+        out[e] = i / b == j / b ? p.r[(i / b)*b*b + (i % b)*b + j % b] : 0.0f;
     }
-    return n_r;
+    return (int32_t) (d*d);
 }
 
 int32_t llama_kv_minicache::get_cells(int32_t il, int kind, int32_t c0, int32_t n, uint8_t * state, float * dist) const {

@@ -198,7 +198,9 @@ private:
         uint32_t n_head; // query heads of the pair's layers
 
         int32_t            rot = LLAMA_MINICACHE_ROT_NONE;
-        std::vector<float> r_full; // R as a full n_embd x n_embd row-major matrix (host, for the merge)
+        std::vector<float> r;           // R's diagonal blocks, row-major: one n_embd x n_embd (ROT_FULL) or
+                                        // n_head_kv of n_embd_head x n_embd_head (ROT_HEAD)
+        uint32_t           r_block = 0; // the width of one block
         uint64_t           r_hash = 0;
 
         ggml_tensor * rot_t   = nullptr;
