@@ -1,18 +1,21 @@
-"""Read and write the MiniCache section of a merged cache's per-sequence KV state (format v6), so
+"""Read and write the MiniCache section of a merged cache's per-sequence KV state (format v7), so
 that tests can forge states a user (or an attacker) could hand to load_state.
 
 Layout (llama_kv_minicache::state_write, patches/llama.cpp/src/llama-kv-cache-minicache.cpp):
   u32 magic "MCKV"; u32 version; u32 n_layout; n_layout x i32 layout; f32 t; f32 gamma; u32 n_cells;
   per cell: u8 state (1 staged, 2 merged); u64 staging order;
-    per pool: merged: f32 dist, f32 norm0, f32 norm1; i32 slot (-1: none); a slot: row x0, row x1
-    (layer b's row, kept in dir while the cell has a slot); else: row dir (the direction)
+  per pool: n_cells x i32 slot (-1: none); n_cells x (f32 dist, f32 norm0, f32 norm1) (0 for a staged
+    cell); the exact rows x0 of the slots held, in ascending slot order; dir of every cell, in cell
+    order (x1, layer b's row, while the cell has a slot; else the direction). A pool stored transposed
+    (V of a float type) writes each of those two row sets element-major: for each row element, its
+    value in every row.
 """
 
 import struct
 from dataclasses import dataclass, field
 
 MAGIC = 0x564B434D
-VERSION = 6
+VERSION = 7
 STAGED, MERGED = 1, 2
 
 
@@ -45,6 +48,25 @@ class McState:
         return self.layout[9]
 
 
+def _trans(layout: list, i: int) -> bool:
+    """Pool i is stored transposed: a V pool of a float type (f32, f16, bf16)."""
+    return layout[10 + 5 * i] == 1 and layout[6] in (0, 1, 30)
+
+
+def _rows_out(rows: list, row: int, trans: bool, es: int = 2) -> bytes:
+    if not trans or not rows:
+        return b"".join(rows)
+    n_embd = row // es
+    return b"".join(r[j * es:(j + 1) * es] for j in range(n_embd) for r in rows)
+
+
+def _rows_in(data: bytes, n: int, row: int, trans: bool, es: int = 2) -> list:
+    if not trans:
+        return [data[i * row:(i + 1) * row] for i in range(n)]
+    n_embd = row // es
+    return [b"".join(data[(j * n + i) * es:(j * n + i + 1) * es] for j in range(n_embd)) for i in range(n)]
+
+
 def parse(blob: bytes, row: int) -> McState:
     """row: bytes of one K/V row of a pool (the default model at f16: 192 x 2)."""
     off = blob.find(struct.pack("<II", MAGIC, VERSION))
@@ -57,27 +79,31 @@ def parse(blob: bytes, row: int) -> McState:
         o += struct.calcsize(fmt)
         return v
 
+    def take_rows(n, trans):
+        nonlocal o
+        out = _rows_in(blob[o:o + n * row], n, row, trans)
+        o += n * row
+        return out
+
     (n_layout,) = take("<I")
     layout = list(take(f"<{n_layout}i"))
     t, gamma, n_cells = take("<ffI")
-    cells = []
-    for _ in range(n_cells):
-        st, seq = take("<BQ")
-        cell = Cell(st, seq)
-        for _ in range(layout[9]):
-            pc = PoolCell()
-            if st == MERGED:
-                pc.dist, n0, n1 = take("<fff")
-                pc.norms = (n0, n1)
-            (pc.slot,) = take("<i")
+    cells = [Cell(*take("<BQ")) for _ in range(n_cells)]
+    for i in range(layout[9]):
+        slots = take(f"<{n_cells}i")
+        meta = take(f"<{3 * n_cells}f")
+        held = sorted(s for s in slots if s >= 0)
+        x0 = dict(zip(held, take_rows(len(held), _trans(layout, i))))
+        dirs = take_rows(n_cells, _trans(layout, i))
+        for k, c in enumerate(cells):
+            pc = PoolCell(slot=slots[k])
+            if c.state == MERGED:
+                pc.dist, pc.norms = meta[3 * k], (meta[3 * k + 1], meta[3 * k + 2])
             if pc.slot >= 0:
-                pc.rows = (blob[o:o + row], blob[o + row:o + 2 * row])
-                o += 2 * row
+                pc.rows = (x0[pc.slot], dirs[k])
             else:
-                pc.dir = blob[o:o + row]
-                o += row
-            cell.pools.append(pc)
-        cells.append(cell)
+                pc.dir = dirs[k]
+            c.pools.append(pc)
     assert o == len(blob), f"{len(blob) - o} bytes after the MiniCache section"
     return McState(blob[:off], layout, t, gamma, cells)
 
@@ -89,18 +115,23 @@ def _unused(used: set):
 def serialize(st: McState, row: int) -> bytes:
     out = [st.prefix, struct.pack("<III", MAGIC, VERSION, len(st.layout)), struct.pack(f"<{len(st.layout)}i", *st.layout),
            struct.pack("<ffI", st.t, st.gamma, len(st.cells))]
-    used = [{c.pools[i].slot for c in st.cells if c.pools[i].rows} for i in range(st.n_pools)]
-    free = [_unused(u) for u in used]  # the lowest unused first
-    for c in st.cells:
-        out.append(struct.pack("<BQ", c.state, c.seq))
-        for i, pc in enumerate(c.pools):
-            if c.state == MERGED:
-                out.append(struct.pack("<fff", pc.dist, *pc.norms))
+    out += [struct.pack("<BQ", c.state, c.seq) for c in st.cells]
+    for i in range(st.n_pools):
+        used = {c.pools[i].slot for c in st.cells if c.pools[i].rows}
+        free = _unused(used)  # rows without a slot get the lowest unused ones
+        slots, meta, x0, dirs = [], [], {}, []
+        for c in st.cells:
+            pc = c.pools[i]
             slot = -1
             if pc.rows:
-                slot = pc.slot
-                if slot < 0:
-                    slot = next(free[i])
-            out.append(struct.pack("<i", slot))
-            out.extend(pc.rows if pc.rows else [pc.dir if pc.dir else bytes(row)])
+                slot = pc.slot if pc.slot >= 0 else next(free)
+                x0.setdefault(slot, pc.rows[0])
+                dirs.append(pc.rows[1])
+            else:
+                dirs.append(pc.dir if pc.dir else bytes(row))
+            slots.append(slot)
+            meta += [pc.dist, *pc.norms] if c.state == MERGED else [0.0, 0.0, 0.0]
+        held = sorted(s for s in slots if s >= 0)  # a forged duplicate slot is written twice
+        out += [struct.pack(f"<{len(slots)}i", *slots), struct.pack(f"<{len(meta)}f", *meta),
+                _rows_out([x0[s] for s in held], row, _trans(st.layout, i)), _rows_out(dirs, row, _trans(st.layout, i))]
     return b"".join(out)

@@ -1083,39 +1083,62 @@ void llama_kv_minicache::demote(pool & p, uint32_t c) {
     free_slot(p, s);
 }
 
-void llama_kv_minicache::write_vec(const pool & p, ggml_tensor * t, uint32_t idx, const uint8_t * row) const {
-    const size_t es = ggml_type_size(type_of(p.kind));
-    n_host_rows++;
-    if (!dir_trans(p)) {
-        ggml_backend_tensor_set(t, row, idx*t->nb[1], ggml_row_size(t->type, p.n_embd));
-    } else if (ggml_backend_buffer_is_host(t->buffer)) {
-        uint8_t * base = (uint8_t *) t->data;
-        for (uint32_t j = 0; j < p.n_embd; ++j) {
-            memcpy(base + j*t->nb[1] + idx*es, row + j*es, es);
+// maximal runs of consecutive ascending values: (first, count)
+static std::vector<std::pair<uint32_t, uint32_t>> mc_runs(const std::vector<uint32_t> & v) {
+    std::vector<std::pair<uint32_t, uint32_t>> res;
+    for (uint32_t x : v) {
+        if (!res.empty() && res.back().first + res.back().second == x) {
+            res.back().second++;
+        } else {
+            res.emplace_back(x, 1);
         }
-    } else {
-        for (uint32_t j = 0; j < p.n_embd; ++j) {
-            ggml_backend_tensor_set(t, row + j*es, j*t->nb[1] + idx*es, es);
+    }
+    return res;
+}
+
+void llama_kv_minicache::row_ranges(const pool & p, const ggml_tensor * t, const std::vector<std::pair<uint32_t, uint32_t>> & runs,
+        const std::function<void(size_t, size_t)> & fn) const {
+    for (const auto & r : runs) {
+        n_host_rows += r.second;
+    }
+    if (!dir_trans(p)) {
+        for (const auto & [i0, n] : runs) {
+            fn((size_t) i0*t->nb[1], (size_t) n*t->nb[1]);
+        }
+        return;
+    }
+    // element j of row i at j*nb[1] + i*es, as llama.cpp's transposed V
+    const size_t es = ggml_type_size(t->type);
+    for (uint32_t j = 0; j < p.n_embd; ++j) {
+        for (const auto & [i0, n] : runs) {
+            fn(j*t->nb[1] + (size_t) i0*es, (size_t) n*es);
         }
     }
 }
 
-void llama_kv_minicache::read_vec(const pool & p, ggml_tensor * t, uint32_t idx, uint8_t * row) const {
-    const size_t es = ggml_type_size(type_of(p.kind));
-    n_host_rows++;
+std::vector<uint8_t> llama_kv_minicache::get_row_block(const pool & p, ggml_tensor * t, uint32_t i0, uint32_t n) const {
+    std::vector<uint8_t> res((size_t) n*ggml_row_size(t->type, p.n_embd));
+    size_t off = 0;
+    row_ranges(p, t, { { i0, n } }, [&](size_t o, size_t size) {
+        ggml_backend_tensor_get(t, res.data() + off, o, size);
+        off += size;
+    });
+    return res;
+}
+
+void llama_kv_minicache::block_row(const pool & p, const uint8_t * block, uint32_t n, uint32_t i, uint8_t * row) const {
+    const ggml_type type = type_of(p.kind);
     if (!dir_trans(p)) {
-        ggml_backend_tensor_get(t, row, idx*t->nb[1], ggml_row_size(t->type, p.n_embd));
-    } else if (ggml_backend_buffer_is_host(t->buffer)) {
-        const uint8_t * base = (const uint8_t *) t->data;
-        for (uint32_t j = 0; j < p.n_embd; ++j) {
-            memcpy(row + j*es, base + j*t->nb[1] + idx*es, es);
-        }
-    } else {
-        for (uint32_t j = 0; j < p.n_embd; ++j) {
-            ggml_backend_tensor_get(t, row + j*es, j*t->nb[1] + idx*es, es);
-        }
+        const size_t rs = ggml_row_size(type, p.n_embd);
+        memcpy(row, block + (size_t) i*rs, rs);
+        return;
+    }
+    const size_t es = ggml_type_size(type);
+    for (uint32_t j = 0; j < p.n_embd; ++j) {
+        memcpy(row + j*es, block + ((size_t) j*n + i)*es, es);
     }
 }
+
 
 void llama_kv_minicache::release_cell(uint32_t c) {
     // only a staged or merged cell holds anything (a slot, a direction, norms)
@@ -1732,7 +1755,7 @@ void llama_kv_minicache::clear() {
 //
 
 static constexpr uint32_t MC_STATE_MAGIC   = 0x564B434D; // "MCKV"
-static constexpr uint32_t MC_STATE_VERSION = 6;
+static constexpr uint32_t MC_STATE_VERSION = 7;
 
 // what a state depends on: retention, window, the slot capacities (from n_ctx and n_ubatch), the
 // cache types and llama.cpp's Hadamard blocks (the basis of the stored rows), the pools
@@ -1783,29 +1806,33 @@ void llama_kv_minicache::state_write(llama_io_write_i & io, const std::vector<ui
         const uint64_t seq = stage_seq[c];
         io.write(&st,  sizeof(st));
         io.write(&seq, sizeof(seq));
+    }
 
-        for (const auto & p : pools) {
-            const size_t row = ggml_row_size(type_of(p.kind), p.n_embd);
-            std::vector<uint8_t> buf(row);
-
+    // per pool: each cell's slot (-1: none) and distance and norms (0 for a staged cell); the exact rows
+    // of layer a in the slots held, by runs of consecutive slots; dir of every cell (layer b's exact row
+    // while the cell has a slot, else its direction), by runs of consecutive cells. Rows go straight from
+    // the tensors to the writer, one copy per range (a size query reads nothing)
+    for (const auto & p : pools) {
+        std::vector<int32_t>  slots(n_cells);
+        std::vector<float>    meta(3*(size_t) n_cells, 0.0f);
+        std::vector<uint32_t> held;
+        for (uint32_t i = 0; i < n_cells; ++i) {
+            const uint32_t c = cells[i];
+            slots[i] = p.slot_of_cell[c];
+            if (slots[i] >= 0) {
+                held.push_back((uint32_t) slots[i]);
+            }
             if (merged[c]) {
-                const float n[2] = { p.norm_host[0][c], p.norm_host[1][c] };
-                io.write(&p.dist[c], sizeof(float));
-                io.write(n, sizeof(n));
+                meta[3*i + 0] = p.dist[c];
+                meta[3*i + 1] = p.norm_host[0][c];
+                meta[3*i + 2] = p.norm_host[1][c];
             }
-
-            // a cell with a slot: the slot (a restored cache lays its rows out the same way: the attention
-            // sums slot rows in slot order) and its exact rows (layer b's is in dir); a merged cell
-            // without: its direction
-            const int32_t s = p.slot_of_cell[c];
-            io.write(&s, sizeof(s));
-            if (s >= 0) {
-                read_vec(p, p.rows, s, buf.data());
-                io.write(buf.data(), row);
-            }
-            read_vec(p, p.dir, c, buf.data());
-            io.write(buf.data(), row);
         }
+        io.write(slots.data(), sizeof(int32_t)*slots.size());
+        io.write(meta.data(),  sizeof(float)*meta.size());
+        std::sort(held.begin(), held.end());
+        row_ranges(p, p.rows, mc_runs(held),  [&](size_t off, size_t size) { io.write_tensor(p.rows, off, size); });
+        row_ranges(p, p.dir,  mc_runs(cells), [&](size_t off, size_t size) { io.write_tensor(p.dir,  off, size); });
     }
 }
 
@@ -1887,8 +1914,8 @@ void llama_kv_minicache::state_read_checked(llama_io_read_i & io, const llama_kv
 }
 
 void llama_kv_minicache::state_read_cells(llama_io_read_i & io, const std::vector<uint32_t> & cells) {
+    const uint32_t n_cells = cells.size();
     uint64_t seq_max = stage_counter;
-    std::vector<uint32_t> n_retained(pools.size(), 0);
     for (uint32_t c : cells) {
         uint8_t  st;
         uint64_t seq;
@@ -1915,16 +1942,31 @@ void llama_kv_minicache::state_read_cells(llama_io_read_i & io, const std::vecto
         }
         stage_seq[c] = seq;
         seq_max = std::max(seq_max, seq + 1);
+    }
 
-        for (size_t ip = 0; ip < pools.size(); ++ip) {
-            auto & p = pools[ip];
-            const size_t row = ggml_row_size(type_of(p.kind), p.n_embd);
-            std::vector<uint8_t> buf(row);
+    // the ranges of state_write(), read into the host and copied to the tensor one range at a time
+    std::vector<uint8_t> buf;
+    const auto read_rows = [&](const pool & p, ggml_tensor * t, const std::vector<uint32_t> & idx) {
+        row_ranges(p, t, mc_runs(idx), [&](size_t off, size_t size) {
+            buf.resize(size);
+            io.read(buf.data(), size);
+            ggml_backend_tensor_set(t, buf.data(), off, size);
+        });
+    };
 
+    for (auto & p : pools) {
+        std::vector<int32_t> slots(n_cells);
+        std::vector<float>   meta(3*(size_t) n_cells);
+        io.read(slots.data(), sizeof(int32_t)*slots.size());
+        io.read(meta.data(),  sizeof(float)*meta.size());
+        uint32_t n_retained = 0;
+        std::vector<uint32_t> held;
+        for (uint32_t i = 0; i < n_cells; ++i) {
+            const uint32_t c = cells[i];
+            const int32_t  s = slots[i];
             if (merged[c]) {
-                float d, n[2];
-                io.read(&d, sizeof(d));
-                io.read(n, sizeof(n));
+                const float d = meta[3*i + 0];
+                const float n[2] = { meta[3*i + 1], meta[3*i + 2] };
                 // a distance is in [0, 1] (NaN would break the retention order); a norm is >= 0 or
                 // NaN/Inf (the core's marker for a non-finite row)
                 if (!(d >= 0.0f && d <= 1.0f) || n[0] < 0.0f || n[1] < 0.0f) {
@@ -1935,15 +1977,12 @@ void llama_kv_minicache::state_read_cells(llama_io_read_i & io, const std::vecto
                 p.norm_host[0][c] = n[0];
                 p.norm_host[1][c] = n[1];
             }
-
-            int32_t s;
-            io.read(&s, sizeof(s));
             if (s < -1 || s >= (int32_t) n_slots || (staged[c] && s < 0)) {
                 throw std::runtime_error(format("MiniCache state: cell %u has slot %d (expected -1 or a slot below %u; "
                         "a staged cell has one)", c, s, n_slots));
             }
             if (s >= 0) {
-                if (merged[c] && n_retained[ip]++ >= n_retain_max) {
+                if (merged[c] && n_retained++ >= n_retain_max) {
                     throw std::runtime_error(format("MiniCache state: more retained tokens than the retention pool holds (%u)",
                             n_retain_max));
                 }
@@ -1952,15 +1991,13 @@ void llama_kv_minicache::state_read_cells(llama_io_read_i & io, const std::vecto
                 }
                 p.slot_of_cell[c] = s;
                 p.cell_of_slot[s] = (int32_t) c;
-                sync_norm(p, c);
-                io.read(buf.data(), row);
-                write_vec(p, p.rows, s, buf.data());
+                held.push_back((uint32_t) s);
             }
-            // layer b's exact row (a cell with a slot) or the direction
-            io.read(buf.data(), row);
-            write_vec(p, p.dir, c, buf.data());
             sync_norm(p, c);
         }
+        std::sort(held.begin(), held.end());
+        read_rows(p, p.rows, held);
+        read_rows(p, p.dir,  cells);
     }
     stage_counter = seq_max;
 }
@@ -2022,17 +2059,24 @@ int32_t llama_kv_minicache::get_rows(int32_t il, int kind, int32_t c0, int32_t n
     const ggml_type type = type_of(kind);
     const size_t row = ggml_row_size(type, p.n_embd);
 
+    // the cells' dir rows and the exact rows of the slots, copied in bulk (one copy per range)
+    const std::vector<uint8_t> dirs = get_row_block(p, p.dir, (uint32_t) c0, (uint32_t) n);
+    const std::vector<uint8_t> exact = x == 0 ? get_row_block(p, p.rows, 0, n_rows) : std::vector<uint8_t>();
     std::vector<uint8_t> buf(row);
     for (int32_t i = 0; i < n; ++i) {
         const uint32_t c = c0 + i;
         const int32_t  s = p.slot_of_cell[c];
         float * dst = out + (size_t) i*p.n_embd;
         if (s >= 0) {
-            read_vec(p, x == 0 ? p.rows : p.dir, x == 0 ? (uint32_t) s : c, buf.data());
+            if (x == 0) {
+                block_row(p, exact.data(), n_rows, (uint32_t) s, buf.data());
+            } else {
+                block_row(p, dirs.data(), (uint32_t) n, (uint32_t) i, buf.data());
+            }
             row_to_f32(type, buf.data(), p.n_embd, dst);
         } else {
             const float norm = p.norm_host[x][c];
-            read_vec(p, p.dir, c, buf.data());
+            block_row(p, dirs.data(), (uint32_t) n, (uint32_t) i, buf.data());
             mc_restore_row_blocks(type, buf.data(), norm, p.n_embd, x == 0 && p.rot != LLAMA_MINICACHE_ROT_NONE ? p.r.data() : nullptr,
                     p.r_block, dst);
         }

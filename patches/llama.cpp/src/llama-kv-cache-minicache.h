@@ -158,8 +158,8 @@ public:
     // forget cells that were freed (seq_rm, ...): their slots return to the pools
     void forget_freed(const llama_kv_cells & cells);
 
-    // rows copied between the host and the pool tensors (state save/load and introspection only: the
-    // merge step never copies rows), and merge-step graphs computed
+    // rows copied between the host and the pool tensors (state save/load, its size query, and
+    // introspection: the merge step never copies rows), and merge-step graphs computed
     int64_t get_n_host_rows() const { return n_host_rows; }
     int64_t get_n_graphs()    const { return n_graphs; }
 
@@ -295,9 +295,16 @@ private:
     // merged cell c gives its slot up: its direction, merged again from its exact rows by flush() (the
     // merge is deterministic per row), replaces layer b's row in dir
     void demote(pool & p, uint32_t c);
-    // one row of dir (index: cell) or rows[x] (index: slot), stored transposed for V
-    void write_vec(const pool & p, ggml_tensor * t, uint32_t idx, const uint8_t * row) const;
-    void read_vec (const pool & p, ggml_tensor * t, uint32_t idx, uint8_t * row) const;
+    // the bytes of the rows of dir (index: cell) or rows (index: slot) in runs of consecutive indices
+    // (first, count), as (offset, size) ranges of the tensor in this order: the runs' rows one run after
+    // the other, or, stored transposed, for each row element its values in every run. Either way the
+    // bytes depend only on the indices' order, not on how they split into runs
+    void row_ranges(const pool & p, const ggml_tensor * t, const std::vector<std::pair<uint32_t, uint32_t>> & runs,
+            const std::function<void(size_t, size_t)> & fn) const;
+    // rows [i0, i0 + n) of t copied to the host, laid out as row_ranges() gives them
+    std::vector<uint8_t> get_row_block(const pool & p, ggml_tensor * t, uint32_t i0, uint32_t n) const;
+    // row i of such a block (n rows) as one contiguous row
+    void block_row(const pool & p, const uint8_t * block, uint32_t n, uint32_t i, uint8_t * row) const;
     void merge_cells(const std::vector<uint32_t> & cells_to_merge);
 
     // the merge step on the device (see flush)
