@@ -212,7 +212,7 @@ static void mc_restore_row(ggml_type type, const void * dir, float norm, int64_t
 // max |B B^T - I| over the b x b row-major blocks of r (NaN if any value is not finite): b^3 per block.
 // A block wider than MC_ORTHO_EXACT_MAX (a full rotation of a wide model: 7e10 products at 4096) is
 // checked on MC_ORTHO_PROBES fixed pseudo-random vectors x instead: max |x B B^T - x| / |x|
-static constexpr uint32_t MC_ORTHO_EXACT_MAX = 1024;
+static constexpr uint32_t MC_ORTHO_EXACT_MAX = 512;
 static constexpr int      MC_ORTHO_PROBES    = 16;
 
 static double mc_orthogonality_error(const std::vector<float> & r, uint32_t b) {
