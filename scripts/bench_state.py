@@ -3,8 +3,8 @@
 
     .venv/bin/python scripts/bench_state.py [--tokens 4096] [--reps 3] [--where local,rpc] [--flash-attn on|off]
 
-The default model, n_ctx = tokens + 64, the shipped f16 calibration (8 pools, window 256), filled
-with `tokens` tokens of Python's documentation. save: Llama.save_state() (llama-cpp-python asks
+The default model, n_ctx = tokens, the shipped f16 calibration (8 pools, window 256), filled with
+tokens - 64 tokens of Python's documentation. save: Llama.save_state() (llama-cpp-python asks
 llama.cpp for the state's size, then copies it); load: Llama.load_state() of that state into the same
 context. rpc: the model and its cache on ggml-rpc-server (the engine's own build, started here on
 127.0.0.1 with 2 threads), so every copy between host and cache is a network round trip. Prints the
@@ -63,9 +63,9 @@ def measure(where: str, tokens: int, reps: int, flash_attn: bool) -> dict:
         endpoint, proc = _start_rpc()
         kw = dict(rpc_servers=endpoint, n_gpu_layers=-1)
     try:
-        llm = Llama(model, n_ctx=tokens + 64, n_batch=512, flash_attn=flash_attn, verbose=False, kv_merge=cfg, **kw)
+        llm = Llama(model, n_ctx=tokens, n_batch=512, flash_attn=flash_attn, verbose=False, kv_merge=cfg, **kw)
         text = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
-        toks = llm.tokenize(text.encode())[:tokens]
+        toks = llm.tokenize(text.encode())[:tokens - 64]
         llm.eval(toks)
         saves, loads = [], []
         for _ in range(reps):
