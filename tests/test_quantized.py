@@ -156,9 +156,8 @@ def test_errors_do_not_amplify_on_q8_0(model_path, tokens, shipped):
 @pytest.mark.parametrize("n", [260, 300, 350])
 def test_quantized_state_round_trip_and_type_refusal(model_path, tokens, n):
     """A restored state continues bit for bit: it keeps each exact row in its slot (the folded
-    attention sums slot rows in slot order; before state v6 a restored cache renumbered them, and
-    the Q4_1 model's activation quantization turned the reordered rounding into logit changes of
-    up to 0.6 at some of these splits)."""
+    attention sums slot rows in slot order: a renumbering would reorder the rounding, which the Q4_1
+    model's activation quantization turns into logit changes at some of these splits)."""
     cfg = MergeConfig(calibration="paper", window=32)
     llm = quant_llama(model_path, "q4_0", kv_merge=cfg)
     llm.eval(tokens[:n])

@@ -39,7 +39,8 @@ def merged_blob(llm, toks, n=200):
 
 
 def test_get_rows_with_a_wrong_width_is_an_error(model_path, toks):
-    """Used to abort (heap corruption): the buffer was sized from the caller's width."""
+    """A row width other than the layer's is refused before anything is copied (the caller's buffer
+    is sized from the width it passes)."""
     llm = small(model_path)
     llm.eval(toks[:100])
     with pytest.raises(ValueError, match="rows are 192 wide, not 64"):
@@ -68,8 +69,8 @@ def test_c_api_ranges(model_path, toks):
 
 
 def test_forged_state_all_merged_with_slots_is_refused(model_path, toks):
-    """Used to abort: every cell MERGED and holding a slot filled the slot pool, and the next
-    ubatch without a merge reached GGML_ASSERT(!free_slots.empty())."""
+    """A forged state in which every cell is MERGED and holds a slot (more retained cells than the
+    retention pool holds: the next ubatch would find no free slot) is refused at load."""
     llm = small(model_path)
     blob = merged_blob(llm, toks)
     st = mcstate.parse(blob, ROW)

@@ -68,7 +68,7 @@ def test_rpc_servers_refused_clearly():
         _internals.parse_rpc_servers("127.0.0.1:99999")
     with pytest.raises(ConfigError, match="cannot reach the rpc-server at 127.0.0.1:"):
         Llama(n_ctx=64, verbose=False, rpc_servers=f"127.0.0.1:{free_port()}", kv_merge=True)
-    # a port that is not an rpc-server (an HTTP-like peer that waits for more): used to hang in llama.cpp
+    # a port that is not an rpc-server (an HTTP-like peer that waits for more): refused, not a hang in llama.cpp
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)
