@@ -2,9 +2,9 @@
 """Merging on vs off at one context, paired decode rounds (flash attention on or off, paper layout or
 the shipped calibration).
 
-    .venv/bin/python scripts/bench_pair.py paper|auto 0|1 N_CTX [--rounds 5] [--per 24]
+    .venv/bin/python scripts/bench_pair.py paper|auto 0|1 N_CTX [--rounds 5] [--per 24] [--type f16|q8_0|q4_0]
 
-Two contexts of the default model (f16 KV, n_batch = n_ubatch = 512 on both sides, 2 threads): merging
+Two contexts of the default model (KV of --type on both sides, f16 by default; n_batch = n_ubatch = 512 on both sides, 2 threads): merging
 off, and merging on (`paper`: MergeConfig(calibration="paper"); `auto`: MergeConfig(), the calibrated selection), flash
 attention off (0) or on (1). Each is prefilled once with N_CTX - rounds*per - 8 tokens of Python's
 pydoc topics (prefill on/off = the ratio of the two prefill speeds), then the two decode `per`
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("n_ctx", type=int)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per", type=int, default=24)
+    ap.add_argument("--type", choices=("f16", "q8_0", "q4_0"), default="f16", help="K and V cache type of both contexts")
     a = ap.parse_args()
     n0 = a.n_ctx - a.rounds * a.per - 8
     if n0 < 64 or a.rounds < 1 or a.per < 1:
@@ -43,7 +44,7 @@ def main() -> None:
     model = str(default_model_path())
     kv = MergeConfig(calibration="paper") if a.merge == "paper" else MergeConfig()
     llms = {name: Llama(model, n_ctx=a.n_ctx, n_batch=512, n_ubatch=512, n_threads=2, flash_attn=a.flash_attn == "1",
-                        verbose=False, kv_merge=k) for name, k in (("off", False), ("on", kv))}
+                        verbose=False, type_k=a.type, type_v=a.type, kv_merge=k) for name, k in (("off", False), ("on", kv))}
     text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
     toks = llms["off"].tokenize(text.encode())
     if len(toks) < a.n_ctx:
@@ -64,7 +65,7 @@ def main() -> None:
         pos += a.per
         ratios.append(speed["on"] / speed["off"])
     kv_on, kv_off = llms["on"].kv_stats().kv_bytes, llms["off"].kv_stats().kv_bytes
-    print(f"{a.merge} flash {a.flash_attn == '1'} {a.n_ctx} prefill on/off {pre['on'] / pre['off']:.3f} decode ratios "
+    print(f"{a.merge} {a.type} flash {a.flash_attn == '1'} {a.n_ctx} prefill on/off {pre['on'] / pre['off']:.3f} decode ratios "
           + " ".join(f"{x:.3f}" for x in ratios) + f" median {statistics.median(ratios):.3f} kv {kv_on / kv_off}")
 
 
