@@ -1,7 +1,7 @@
 """Read and write the MiniCache section of a merged cache's per-sequence KV state (format v7), so
 that tests can forge states a user (or an attacker) could hand to load_state.
 
-Layout (llama_kv_minicache::state_write, patches/llama.cpp/src/llama-kv-cache-minicache.cpp):
+Layout (llama_kv_minicache::state_write, patches/llama.cpp/src/llama-kv-cache-minicache-state.cpp):
   u32 magic "MCKV"; u32 version; u32 n_layout; n_layout x i32 layout; f32 t; f32 gamma; u32 n_cells;
   per cell: u8 state (1 staged, 2 merged); u64 staging order;
   per pool: n_cells x i32 slot (-1: none); n_cells x (f32 dist, f32 norm0, f32 norm1) (0 for a staged

@@ -62,7 +62,10 @@ def test_series_applies_in_order_to_pinned_upstream(tmp_path, capsys):
     assert "LLAMA_MINICACHE_DIR" in (tmp_path / "llama.cpp" / "src" / "CMakeLists.txt").read_text()
     # the new files are real sources; the .patch files only edit existing llama.cpp files
     new = {rel for rel, _ in _engine.overlay_files()}
-    assert new == {"include/llama-minicache.h", "src/llama-kv-cache-minicache.h", "src/llama-kv-cache-minicache.cpp"}
+    assert new == {"include/llama-minicache.h", "src/llama-minicache.cpp",
+                   "src/llama-kv-cache-minicache.h", "src/llama-kv-cache-minicache-impl.h",
+                   "src/llama-kv-cache-minicache.cpp", "src/llama-kv-cache-minicache-graph.cpp",
+                   "src/llama-kv-cache-minicache-merge.cpp", "src/llama-kv-cache-minicache-state.cpp"}
     for p in _engine.patch_series():
         assert "--- /dev/null" not in p.read_text(), p.name
     # overlaying twice would overwrite a file the tree already has: refused, named

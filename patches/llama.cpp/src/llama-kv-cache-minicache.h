@@ -23,6 +23,12 @@
 // ids) cross to the host, which keeps the most distinct merged pairs in their slots (retention).
 // Layer b is read back in the graph as dir * norm; layer a as dir * norm (merged cells) + rows
 // gathered by slot (exact cells).
+//
+// llama_kv_minicache is implemented in llama-kv-cache-minicache.cpp (construction, tensors,
+// rotations, slot bookkeeping, retention, prepare, clear), -graph.cpp (graph inputs, writes,
+// restored K/V, the folded attention), -merge.cpp (the merge step on the device, flush) and
+// -state.cpp (state save/load, introspection); the C API, the armed params and the llama_kv_cache
+// glue in llama-minicache.cpp.
 
 #include "llama-minicache.h"
 
