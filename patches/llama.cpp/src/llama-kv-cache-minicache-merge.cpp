@@ -12,7 +12,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
+#include <string>
 
 //
 // the merge step on the device: small graphs of ggml ops on the backend holding the pool tensors, so
@@ -58,15 +60,93 @@ void llama_kv_minicache::init_backends() {
     }
 }
 
-void llama_kv_minicache::compute(size_t ib, ggml_cgraph * gf, const std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) {
-    merge_backend & be = backends[ib];
+template <typename T>
+static ggml_tensor * mc_input(ggml_context * ctx, ggml_type type, const std::vector<T> & v,
+        std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) {
+    ggml_tensor * t = ggml_new_tensor_1d(ctx, type, (int64_t) v.size());
+    ggml_set_input(t);
+    const uint8_t * b = (const uint8_t *) v.data();
+    inputs.emplace_back(t, std::vector<uint8_t>(b, b + sizeof(T)*v.size()));
+    return t;
+}
+
+// LLAMA_MINICACHE_REFUSE_OPS=OP[,OP...] (ggml op names, e.g. SET_ROWS): the merge step treats those ops as
+// unsupported by every backend, as a backend without them would (tests of the refusal)
+static bool mc_op_refused(const ggml_tensor * node) {
+    const char * env = getenv("LLAMA_MINICACHE_REFUSE_OPS");
+    if (env == nullptr || *env == 0) {
+        return false;
+    }
+    const std::string list = std::string(",") + env + ",";
+    return list.find(std::string(",") + ggml_op_name(node->op) + ",") != std::string::npos;
+}
+
+void llama_kv_minicache::check_ops(size_t ib, ggml_cgraph * gf) const {
+    const merge_backend & be = backends[ib];
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         const ggml_tensor * node = ggml_graph_node(gf, i);
-        if (!ggml_backend_supports_op(be.backend, node)) {
+        if (!ggml_backend_supports_op(be.backend, node) || mc_op_refused(node)) {
             throw std::runtime_error(format("the %s backend cannot run %s of %s rows (the merge step of %s)", ggml_backend_name(be.backend),
                     ggml_op_desc(node), ggml_type_name(node->src[0] ? node->src[0]->type : node->type), node->name));
         }
     }
+}
+
+void llama_kv_minicache::check_merge_ops() {
+    if (!pools[0].dir->buffer) {
+        return;
+    }
+    try {
+        check_merge_graphs();
+    } catch (const std::exception & e) {
+        llama_minicache_set_error(e.what());
+        throw std::runtime_error(std::string("MiniCache: ") + e.what());
+    }
+}
+
+void llama_kv_minicache::check_merge_graphs() {
+    init_backends();
+    // the graphs of merge_cells() and flush() for one cell and slot per pool: every op and type the merge
+    // step runs on each backend, checked before the context is used
+    for (size_t ib = 0; ib < backends.size(); ++ib) {
+        std::vector<size_t> mine;
+        for (size_t ip = 0; ip < pools.size(); ++ip) {
+            if (backend_of(pools[ip].dir) == ib) {
+                mine.push_back(ip);
+            }
+        }
+        const size_t n_graph = 64 + 256*pools.size();
+        ggml_init_params ip0 = { ggml_tensor_overhead()*n_graph + ggml_graph_overhead_custom(n_graph, false), nullptr, true };
+        ggml_context_ptr ctx_ptr(ggml_init(ip0));
+        ggml_context * ctx = ctx_ptr.get();
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_graph, false);
+        std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> inputs;
+        for (const auto & g : width_groups(mine)) {
+            const std::vector<std::vector<int32_t>> one(g.size(), std::vector<int32_t>(1, 0));
+            ggml_tensor * x[3];
+            merge_inputs(ctx, g, one, one, inputs, x);
+            ggml_tensor * d = nullptr;
+            ggml_build_forward_expand(gf, build_merge(ctx, x[0], x[1], x[2], &d));
+            for (size_t k = 0; k < g.size(); ++k) {
+                const pool & p = pools[g[k]];
+                ggml_tensor * dk = ggml_view_2d(ctx, d, d->ne[0], 1, d->nb[1], k*d->nb[1]);
+                ggml_build_forward_expand(gf, scatter(ctx, p.dir, dk, { 0 }, dir_trans(p), inputs));
+            }
+        }
+        for (size_t ip : mine) {
+            const pool & p = pools[ip];
+            ggml_tensor * z = ggml_fill(ctx, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, p.n_embd, 1), 0.0f);
+            ggml_build_forward_expand(gf, scatter(ctx, p.rows, z, { 0 }, dir_trans(p), inputs));
+            ggml_tensor * v = ggml_reshape_2d(ctx, mc_input(ctx, GGML_TYPE_F32, std::vector<float>(1, 0.0f), inputs), 1, 1);
+            ggml_build_forward_expand(gf, scatter(ctx, p.norm[0], v, { 0 }, false, inputs));
+        }
+        check_ops(ib, gf);
+    }
+}
+
+void llama_kv_minicache::compute(size_t ib, ggml_cgraph * gf, const std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) {
+    merge_backend & be = backends[ib];
+    check_ops(ib, gf);
     if (!ggml_gallocr_alloc_graph(be.galloc, gf)) {
         throw std::runtime_error(format("the merge step could not allocate its %s buffer", ggml_backend_name(be.backend)));
     }
@@ -83,15 +163,6 @@ void llama_kv_minicache::compute(size_t ib, ggml_cgraph * gf, const std::vector<
     n_graphs++;
 }
 
-template <typename T>
-static ggml_tensor * mc_input(ggml_context * ctx, ggml_type type, const std::vector<T> & v,
-        std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) {
-    ggml_tensor * t = ggml_new_tensor_1d(ctx, type, (int64_t) v.size());
-    ggml_set_input(t);
-    const uint8_t * b = (const uint8_t *) v.data();
-    inputs.emplace_back(t, std::vector<uint8_t>(b, b + sizeof(T)*v.size()));
-    return t;
-}
 
 ggml_tensor * llama_kv_minicache::gather(ggml_context * ctx, const pool & p, ggml_tensor * t, const std::vector<int32_t> & idx,
         std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) const {

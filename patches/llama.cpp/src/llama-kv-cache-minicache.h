@@ -117,6 +117,10 @@ public:
     void create_tensors(const std::function<ggml_context * (int32_t il)> & ctx_of_layer);
 
     // write the rotations of aligned pools to their tensors (after the buffers are allocated or cleared)
+    // builds the merge step's graphs for one cell per pool and checks every op on the backend holding
+    // the pools: throws, naming op, type and backend, if one is not supported (after the buffers exist)
+    void check_merge_ops();
+
     void upload_rotations();
 
     // llama.cpp rotates quantized K (V) rows with a Hadamard matrix before caching them (attn_rot_k/v,
@@ -317,6 +321,9 @@ private:
     size_t backend_of(const ggml_tensor * t);
     void init_backends();
     // compute gf on backends[ib] after uploading inputs (tensor, bytes)
+    void check_merge_graphs();
+    // every node of gf is an op the backend runs (else an error naming op, type and backend)
+    void check_ops(size_t ib, ggml_cgraph * gf) const;
     void compute(size_t ib, ggml_cgraph * gf, const std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs);
     // rows idx (cells of dir, slots of rows) of a pool tensor as F32 [n_embd, n]
     ggml_tensor * gather(ggml_context * ctx, const pool & p, ggml_tensor * t, const std::vector<int32_t> & idx,
