@@ -42,10 +42,12 @@ def test_kv_merge_true_is_the_calibration_of_the_cache_type(model_path, types):
     llm.close()
 
 
-def test_other_settings_rescore_never_fall_back(model_path):
+def test_other_settings_rescore_never_fall_back(model_path, tmp_path, monkeypatch):
     """A cache type or window with no shipped selection starts a re-scoring (refused here: the
-    suite forbids unasked calibrations), not the paper's merge."""
+    suite forbids unasked calibrations), not the paper's merge. An empty cache directory: a
+    selection a developer has cached for these settings would be picked instead."""
     assert os.environ.get(FORBID_ENV)
+    monkeypatch.setenv("MINICACHE_GGUF_CACHE", str(tmp_path))
     for kw in (dict(kv_merge=MergeConfig(window=32)), dict(kv_merge=True, type_k="q8_0", type_v="q8_0", flash_attn=True)):
         with pytest.raises(RuntimeError, match="allow_calibration"):
             Llama(model_path, n_ctx=512, verbose=False, **kw)
