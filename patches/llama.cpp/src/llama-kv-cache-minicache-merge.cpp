@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -60,6 +59,16 @@ void llama_kv_minicache::init_backends() {
     }
 }
 
+std::vector<size_t> llama_kv_minicache::pools_on(size_t ib) {
+    std::vector<size_t> res;
+    for (size_t ip = 0; ip < pools.size(); ++ip) {
+        if (backend_of(pools[ip].dir) == ib) {
+            res.push_back(ip);
+        }
+    }
+    return res;
+}
+
 template <typename T>
 static ggml_tensor * mc_input(ggml_context * ctx, ggml_type type, const std::vector<T> & v,
         std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) {
@@ -70,22 +79,12 @@ static ggml_tensor * mc_input(ggml_context * ctx, ggml_type type, const std::vec
     return t;
 }
 
-// LLAMA_MINICACHE_REFUSE_OPS=OP[,OP...] (ggml op names, e.g. SET_ROWS): the merge step treats those ops as
-// unsupported by every backend, as a backend without them would (tests of the refusal)
-static bool mc_op_refused(const ggml_tensor * node) {
-    const char * env = getenv("LLAMA_MINICACHE_REFUSE_OPS");
-    if (env == nullptr || *env == 0) {
-        return false;
-    }
-    const std::string list = std::string(",") + env + ",";
-    return list.find(std::string(",") + ggml_op_name(node->op) + ",") != std::string::npos;
-}
-
 void llama_kv_minicache::check_ops(size_t ib, ggml_cgraph * gf) const {
     const merge_backend & be = backends[ib];
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         const ggml_tensor * node = ggml_graph_node(gf, i);
-        if (!ggml_backend_supports_op(be.backend, node) || mc_op_refused(node)) {
+        const bool refused = !refuse_ops.empty() && refuse_ops.find(std::string(",") + ggml_op_name(node->op) + ",") != std::string::npos;
+        if (!ggml_backend_supports_op(be.backend, node) || refused) {
             throw std::runtime_error(format("the %s backend cannot run %s of %s rows (the merge step of %s)", ggml_backend_name(be.backend),
                     ggml_op_desc(node), ggml_type_name(node->src[0] ? node->src[0]->type : node->type), node->name));
         }
@@ -109,12 +108,7 @@ void llama_kv_minicache::check_merge_graphs() {
     // the graphs of merge_cells() and flush() for one cell and slot per pool: every op and type the merge
     // step runs on each backend, checked before the context is used
     for (size_t ib = 0; ib < backends.size(); ++ib) {
-        std::vector<size_t> mine;
-        for (size_t ip = 0; ip < pools.size(); ++ip) {
-            if (backend_of(pools[ip].dir) == ib) {
-                mine.push_back(ip);
-            }
-        }
+        const std::vector<size_t> mine = pools_on(ib);
         const size_t n_graph = 64 + 256*pools.size();
         ggml_init_params ip0 = { ggml_tensor_overhead()*n_graph + ggml_graph_overhead_custom(n_graph, false), nullptr, true };
         ggml_context_ptr ctx_ptr(ggml_init(ip0));
@@ -335,12 +329,7 @@ void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merg
         init_backends();
     }
     for (size_t ib = 0; ib < backends.size(); ++ib) {
-        std::vector<size_t> mine;
-        for (size_t ip = 0; ip < pools.size(); ++ip) {
-            if (backend_of(pools[ip].dir) == ib) {
-                mine.push_back(ip);
-            }
-        }
+        const std::vector<size_t> mine = pools_on(ib);
         if (mine.empty()) {
             continue;
         }

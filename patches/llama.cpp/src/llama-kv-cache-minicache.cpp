@@ -121,6 +121,9 @@ llama_kv_minicache::llama_kv_minicache(
     if (const char * s = getenv("LLAMA_MINICACHE_FAIL_GRAPH")) {
         fail_graph = atoll(s);
     }
+    if (const char * s = getenv("LLAMA_MINICACHE_REFUSE_OPS"); s && *s) {
+        refuse_ops = std::string(",") + s + ",";
+    }
 
     if (hparams.swa_type != LLAMA_SWA_TYPE_NONE || hparams.is_swa_any()) {
         throw std::runtime_error("models with sliding-window attention (iSWA caches, e.g. Gemma 3) are not supported yet");

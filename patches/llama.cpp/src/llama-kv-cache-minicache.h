@@ -281,6 +281,9 @@ private:
     // LLAMA_MINICACHE_FAIL_GRAPH=N (read at creation): the merge graph run as number N fails once, as a
     // backend failure would (tests of the recovery from a failed merge step)
     int64_t         fail_graph  = -1;
+    // LLAMA_MINICACHE_REFUSE_OPS=OP[,OP...] (ggml op names, read at creation, kept as ",OP,...,"): the merge
+    // step treats those ops as unsupported by every backend, as a backend without them would (tests)
+    std::string     refuse_ops;
 
     ggml_type type_of(int kind) const { return kind == KIND_K ? type_k : type_v; }
 
@@ -322,6 +325,8 @@ private:
     void init_backends();
     // compute gf on backends[ib] after uploading inputs (tensor, bytes)
     void check_merge_graphs();
+    // the pools whose tensors live on backend ib
+    std::vector<size_t> pools_on(size_t ib);
     // every node of gf is an op the backend runs (else an error naming op, type and backend)
     void check_ops(size_t ib, ggml_cgraph * gf) const;
     void compute(size_t ib, ggml_cgraph * gf, const std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs);
