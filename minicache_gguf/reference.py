@@ -102,14 +102,7 @@ def _slerp_units(u0, n0, u1, n1, t: float):
 
     out[small] = (1.0 - t) * a[small] + t * b[small]
 
-    if np.any(anti):
-        ua = a[anti]
-        k = np.argmin(np.abs(ua), axis=1)  # first index on ties, as the C loop
-        p = -ua[np.arange(len(ua)), k][:, None] * ua
-        p[np.arange(len(ua)), k] += 1.0
-        pn = np.sqrt(np.sum(p * p, axis=1))
-        p = np.where(pn[:, None] > 0, p / np.where(pn > 0, pn, 1.0)[:, None], 0.0)
-        out[anti] = np.cos(t * np.pi) * ua + np.sin(t * np.pi) * p
+    out[anti] = 0.0  # opposite rows: no direction serves both (see native/minicache.h)
 
     og = omega[gen]
     so = np.sin(og)

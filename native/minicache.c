@@ -217,24 +217,9 @@ static double slerp_units(const double * u0, double n0, const double * u1, doubl
             out[j] = (1.0 - t) * u0[j] + t * u1[j];
         }
     } else if (M_PI - omega < MINICACHE_ANGLE_EPS) {
-        // antipodal: rotate u0 towards a deterministic perpendicular p by t * pi
-        int64_t k = 0;
-        for (int64_t j = 1; j < n; j++) {
-            if (fabs(u0[j]) < fabs(u0[k])) {
-                k = j;
-            }
-        }
-        double pn = 0.0;
+        // opposite rows: no direction serves both; 0 is the closest to both in the worst case
         for (int64_t j = 0; j < n; j++) {
-            const double p = (j == k ? 1.0 : 0.0) - u0[k] * u0[j];
-            pn += p * p;
-        }
-        pn = sqrt(pn);
-        const double c = cos(t * M_PI);
-        const double s = sin(t * M_PI);
-        for (int64_t j = 0; j < n; j++) {
-            const double p = pn > 0.0 ? ((j == k ? 1.0 : 0.0) - u0[k] * u0[j]) / pn : 0.0;
-            out[j] = c * u0[j] + s * p;
+            out[j] = 0.0;
         }
     } else {
         const double so = sin(omega);

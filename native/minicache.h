@@ -20,9 +20,9 @@
 // - zero row(s): unit(0) = 0. One zero row: e = the other row's unit vector, distance 0 (the merge
 //   is lossless: the zero row restores as 0 * e). Both zero: e = 0, distance 0.
 // - identical or nearly identical directions (angle < 1e-6 rad): e = (1-t)*u0 + t*u1 (lerp).
-// - opposite directions (pi - angle < 1e-6 rad): the great circle is not unique; the path through
-//   p = normalize(b_k - u0_k * u0) is used, b_k the basis vector of u0's smallest-magnitude
-//   component (first on ties): e = cos(t*pi) * u0 + sin(t*pi) * p. Distance 1.
+// - opposite directions (pi - angle < 1e-6 rad): no single direction serves both rows; e = 0 (each
+//   row restores as 0: its error is its norm, where any unit direction costs one of the two rows
+//   up to twice its norm). Distance 1 (retention keeps such tokens exact first).
 // - a row holding NaN or Inf: its norm is the natural sqrt(sum x^2) (Inf or NaN), e = 0, distance
 //   1 (most distinct: retention keeps such tokens exact first). Restoring gives NaN/Inf, never a
 //   silently finite value.

@@ -395,3 +395,88 @@ def test_an_op_the_backend_lacks_is_refused_at_context_creation(model_path, monk
     monkeypatch.delenv("LLAMA_MINICACHE_REFUSE_OPS")
     llm = Llama(model_path, n_ctx=256, verbose=False, kv_merge=cfg)
     assert llm.kv_stats().merge_graphs == 0  # the check computes nothing
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["flash_off", "flash_on"])
+def test_degenerate_rows_follow_the_core_contract(model_path, tokens, flash_attn):
+    """Rows written into the window through a state, then merged by the engine: a row holding NaN, a
+    row holding Inf, opposite rows, one direction at two lengths, a zero row. Distances, norms,
+    retained set and restored rows are the NumPy reference's (native/minicache.h: NaN/Inf ->
+    direction 0, distance 1, the row restores as NaN; opposite -> direction 0, distance 1; a zero
+    row -> the other row's direction, distance 0); with room for three retained tokens, retention
+    keeps exactly the three at distance 1; the cells without degenerate rows are unaffected."""
+    import mcstate
+
+    n, w, row = 48, 32, N_EMBD * 2
+    n_m = n - w
+    for gamma in (0.0, 3 / n_m):
+        cfg = MergeConfig(calibration="paper", window=w, gamma=gamma)
+        llm = Llama(model_path, n_ctx=256, flash_attn=flash_attn, verbose=False, kv_merge=cfg)
+        llm.eval(tokens[:n])
+        st = mcstate.parse(kvstate.get_seq_state(llama_cpp, llm._ctx.ctx), row)
+        pairs = dict(merged_pairs(cfg))
+        rows = {}  # (layer a, kind) -> (x0, x1) as the state now holds them
+        for i in range(st.n_pools):
+            kind, a = ("k", "v")[st.layout[10 + 5 * i]], st.layout[11 + 5 * i]
+            x0 = np.stack([np.frombuffer(c.pools[i].rows[0], np.float16) for c in st.cells]).copy()
+            x1 = np.stack([np.frombuffer(c.pools[i].rows[1], np.float16) for c in st.cells]).copy()
+            x0[0, 5] = np.nan
+            x1[1, 7] = np.inf
+            x1[2] = -x0[2]
+            x1[3] = x0[3] * np.float16(2)
+            x0[4] = 0
+            for k, c in enumerate(st.cells):
+                c.pools[i].rows = (x0[k].tobytes(), x1[k].tobytes())
+            rows[(a, kind)] = (x0, x1)
+        kvstate.set_seq_state(llama_cpp, llm._ctx.ctx, mcstate.serialize(st, row))
+        llm.eval(tokens[n:n + 1])  # the oldest n - w cells leave the window and are merged
+        assert llm.kv_stats().tokens_merged == n_m
+
+        for (a, kind), (x0, x1) in rows.items():
+            ref = reference.merge(x0[:n_m], x1[:n_m], cfg.t, out_dtype=np.float16)
+            np.testing.assert_array_equal(ref.dist[:3], 1.0)
+            assert ref.dist[3] == 0.0 and ref.dist[4] == 0.0
+            keep = reference.retain_select(ref.dist, gamma)
+            assert keep.sum() == (3 if gamma else 0) and (not gamma or keep[:3].all())
+            state, dist = _internals.get_cells(llm._ctx.ctx, a, kind, 0, n + 1)
+            assert np.array_equal(state[:n_m] == 3, keep), (a, kind, gamma)
+            np.testing.assert_allclose(dist[:n_m], ref.dist, atol=2e-6)
+            for layer, x, norm in ((a, x0, ref.norm0), (pairs[a], x1, ref.norm1)):
+                want = reference.restore(ref.dir, norm, out_dtype=np.float16).astype(np.float32)
+                want[keep] = x[:n_m][keep]
+                got = _internals.get_rows(llm._ctx.ctx, layer, kind, 0, n + 1, N_EMBD)
+                np.testing.assert_allclose(got[:n_m], want, rtol=1e-3, atol=1e-3 * np.nanmax(np.abs(want[5:])),
+                                           equal_nan=True, err_msg=f"layer {layer} {kind} gamma {gamma}")
+                assert np.array_equal(np.isnan(got[:n_m]), np.isnan(want))
+
+
+@pytest.mark.parametrize("case", ["q8_0", "f16_k_only"])
+def test_a_backend_without_out_prod_restores_instead_of_folding(model_path, tokens, monkeypatch, case):
+    """The decoding fold sums rows stored by rows (quantized V; a K-only pair's dense V with flash
+    attention on) with OUT_PROD, which ggml-cuda has for F32 only and ggml-metal not at all. Where the
+    cache's backend lacks it (LLAMA_MINICACHE_REFUSE_OPS=OUT_PROD: the CPU backend standing in for such
+    a backend), those layers restore their merged K/V for decoding as for prompt ubatches: decoding
+    gives the logits of LLAMA_MINICACHE_RESTORE=1 bit for bit, not the fold's (which round otherwise)."""
+    qtype = 8 if case == "q8_0" else 1
+    cfg = MergeConfig(calibration="paper", window=32, merge_v=case == "q8_0")
+
+    def run(env):
+        for k in ("LLAMA_MINICACHE_REFUSE_OPS", "LLAMA_MINICACHE_RESTORE"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        llm = Llama(model_path, n_ctx=512, n_ubatch=256, type_k=qtype, type_v=qtype, flash_attn=True,
+                    logits_all=True, verbose=False, kv_merge=cfg)
+        llm.eval(tokens[:100])
+        for t in tokens[100:106]:
+            llm.eval([t])
+        assert llm.kv_stats().tokens_merged > 0
+        return llm.scores[100:106].copy()
+
+    fold = run({})
+    restore = run({"LLAMA_MINICACHE_RESTORE": "1"})
+    lacking = run({"LLAMA_MINICACHE_REFUSE_OPS": "OUT_PROD"})
+    assert np.array_equal(lacking, restore)
+    assert not np.array_equal(fold, restore)
+    # the same attention, rounded otherwise (measured: KLD at most 0.007 per token here)
+    assert max(kl(r, f) for r, f in zip(restore, fold)) < 0.05

@@ -136,6 +136,7 @@ ggml_tensor * llama_kv_minicache::cpy(ggml_context * ctx, ggml_tensor * cur, int
     const int x = il == p.il[0] ? 0 : 1;
 
     GGML_ASSERT(cur->ne[0] == p.n_embd);
+    ggml_tensor * const cur_in = cur;
 
     // layer a's row goes to its slot, layer b's to its cell of dir
     ggml_tensor * dst  = x == 0 ? p.rows : p.dir;
@@ -146,13 +147,13 @@ ggml_tensor * llama_kv_minicache::cpy(ggml_context * ctx, ggml_tensor * cur, int
         if (!ggml_is_contiguous(cur)) {
             cur = ggml_cont(ctx, cur);
         }
-        return ggml_set_rows(ctx,
+        return logged(ggml_set_rows(ctx,
                 ggml_reshape_2d(ctx, dst, 1, ggml_nelements(dst)),
                 ggml_reshape_2d(ctx, cur, 1, ggml_nelements(cur)),
-                idxs);
+                idxs), { cur_in });
     }
 
-    return ggml_set_rows(ctx, dst, cur, idxs);
+    return logged(ggml_set_rows(ctx, dst, cur, idxs), { cur_in });
 }
 
 ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, uint32_t n_kv, uint32_t n_embd_head, uint32_t n_head_kv,
@@ -174,19 +175,18 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
         exact = ggml_get_rows(ctx, rows, inp.gather_idxs[ip]);
     }
 
-    // the rotated layer is computed in F32 and rounded to the cache type once, after R^T; other
-    // than f16/f32 directions are converted to F32 first and the result rounded to restored_type()
+    // computed in F32 (directions converted first, each op then in place) and rounded to
+    // restored_type() once, as the reference rounds; both operands of each MUL/ADD in one type, as
+    // ggml-metal requires
     const bool rotated = x == 0 && p.rot != LLAMA_MINICACHE_ROT_NONE;
-    const bool to_f32  = rotated || !mc_native(p.dir->type);
     const ggml_type type_out = restored_type(p.kind, rotated);
 
     if (dir_trans(p)) {
         // [n_kv, n_embd]: dir * norm per cell
         ggml_tensor * dir = ggml_view_2d(ctx, p.dir, n_kv, p.n_embd, p.dir->nb[1], 0);
-        if (to_f32 && dir->type != GGML_TYPE_F32) {
-            dir = ggml_cast(ctx, dir, GGML_TYPE_F32);
-        }
-        ggml_tensor * cur = ggml_mul(ctx, dir, ggml_reshape_2d(ctx, norm, n_kv, 1));
+        ggml_tensor * cur = dir->type != GGML_TYPE_F32
+            ? ggml_mul_inplace(ctx, ggml_cast(ctx, dir, GGML_TYPE_F32), ggml_reshape_2d(ctx, norm, n_kv, 1))
+            : ggml_mul(ctx, dir, ggml_reshape_2d(ctx, norm, n_kv, 1));
 
         if (rotated) {
             // rows [n_embd, n_kv] * R^T, back in the cache type
@@ -201,22 +201,22 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
         if (!v_trans) {
             // flash attention reads V as rows [n_embd, n_kv]
             if (exact) {
-                cur = ggml_add(ctx, cur, exact);
+                cur = ggml_add_inplace(ctx, cur, exact);
             }
             if (cur->type != type_out) {
                 cur = ggml_cast(ctx, cur, type_out);
             }
 
-            return ggml_view_4d(ctx, cur,
+            return logged(ggml_view_4d(ctx, cur,
                     n_embd_head, n_head_kv, n_kv, 1,
                     ggml_row_size(cur->type, n_embd_head),
                     ggml_row_size(cur->type, p.n_embd),
                     ggml_row_size(cur->type, p.n_embd)*n_kv,
-                    0);
+                    0), {});
         }
 
         if (exact) {
-            cur = ggml_add(ctx, cur, ggml_cont(ctx, ggml_transpose(ctx, exact)));
+            cur = ggml_add_inplace(ctx, cur, ggml_cont(ctx, ggml_transpose(ctx, exact)));
         }
         if (cur->type != type_out) {
             cur = ggml_cast(ctx, cur, type_out);
@@ -224,36 +224,35 @@ ggml_tensor * llama_kv_minicache::get(ggml_context * ctx, int32_t il, int kind, 
 
         const size_t es = ggml_element_size(cur);
 
-        return ggml_view_4d(ctx, cur,
+        return logged(ggml_view_4d(ctx, cur,
                 n_kv, n_head_kv, n_embd_head, 1,
                 es*n_kv*n_embd_head,
                 es*n_kv,
                 es*n_kv*p.n_embd,
-                0);
+                0), {});
     }
 
     ggml_tensor * dir = ggml_view_2d(ctx, p.dir, p.n_embd, n_kv, p.dir->nb[1], 0);
-    if (to_f32 && dir->type != GGML_TYPE_F32) {
-        dir = ggml_cast(ctx, dir, GGML_TYPE_F32);
-    }
-    ggml_tensor * cur = ggml_mul(ctx, dir, ggml_reshape_2d(ctx, norm, 1, n_kv));
+    ggml_tensor * cur = dir->type != GGML_TYPE_F32
+        ? ggml_mul_inplace(ctx, ggml_cast(ctx, dir, GGML_TYPE_F32), ggml_reshape_2d(ctx, norm, 1, n_kv))
+        : ggml_mul(ctx, dir, ggml_reshape_2d(ctx, norm, 1, n_kv));
     if (rotated) {
         cur = unrotate(ctx, p, cur);
     }
     if (exact) {
-        cur = ggml_add(ctx, cur, exact);
+        cur = ggml_add_inplace(ctx, cur, exact);
     }
     if (cur->type != type_out) {
         cur = ggml_cast(ctx, cur, type_out);
     }
 
     // quantized rows: whole blocks per head (the layer's heads hold whole blocks, checked at creation)
-    return ggml_view_4d(ctx, cur,
+    return logged(ggml_view_4d(ctx, cur,
             n_embd_head, n_head_kv, n_kv, 1,
             ggml_row_size(cur->type, n_embd_head),
             ggml_row_size(cur->type, p.n_embd),
             ggml_row_size(cur->type, p.n_embd)*n_kv,
-            0);
+            0), {});
 }
 
 ggml_tensor * llama_kv_minicache::unrotate(ggml_context * ctx, const pool & p, ggml_tensor * cur) const {
@@ -277,7 +276,7 @@ ggml_tensor * llama_kv_minicache::unrotate(ggml_context * ctx, const pool & p, g
         res = ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, res, 0, 2, 1, 3)), dh*nh, n);
     }
 
-    return ggml_cast(ctx, res, restored_type(p.kind, true));
+    return res;
 }
 
 // gather along dim 0 of x [n0, n1, n2] (contiguous) with idx [m, n1*n2] (values < n0, the same index
@@ -424,5 +423,5 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
 
     ggml_tensor * cur = ggml_permute(ctx, kqv, 0, 2, 1, 3); // [n_embd_head_v, n_head, n_tokens]
 
-    return ggml_cont_2d(ctx, cur, cur->ne[0]*cur->ne[1], n_tokens);
+    return logged(ggml_cont_2d(ctx, cur, cur->ne[0]*cur->ne[1], n_tokens), { q_cur, kq_mask, k_dense, v_dense });
 }

@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <set>
 #include <stdexcept>
 #include <string>
 
@@ -79,12 +81,59 @@ static ggml_tensor * mc_input(ggml_context * ctx, ggml_type type, const std::vec
     return t;
 }
 
+bool llama_kv_minicache::backend_has_op(size_t ib, ggml_tensor * node) const {
+    const bool refused = !refuse_ops.empty() && refuse_ops.find(std::string(",") + ggml_op_name(node->op) + ",") != std::string::npos;
+    return !refused && ggml_backend_supports_op(backends[ib].backend, node);
+}
+
+// one line per node: op type src0 src1 and, per source, contiguous / contiguous rows / unit element stride
+void llama_kv_minicache::log_nodes(const std::vector<const ggml_tensor *> & nodes) const {
+    FILE * f = ops_log.empty() || nodes.empty() ? nullptr : fopen(ops_log.c_str(), "a");
+    if (!f) {
+        return;
+    }
+    for (const ggml_tensor * t : nodes) {
+        fprintf(f, "%s %s", ggml_op_desc(t), ggml_type_name(t->type));
+        for (int i = 0; i < 2; ++i) {
+            const ggml_tensor * s = t->src[i];
+            if (s) {
+                fprintf(f, " %s %d%d%d", ggml_type_name(s->type), ggml_is_contiguous(s), ggml_is_contiguous_rows(s),
+                        s->nb[0] == ggml_type_size(s->type));
+            } else {
+                fprintf(f, " - -");
+            }
+        }
+        fprintf(f, "\n");
+    }
+    fclose(f);
+}
+
+ggml_tensor * llama_kv_minicache::logged(ggml_tensor * out, std::initializer_list<const ggml_tensor *> stop) const {
+    if (ops_log.empty()) {
+        return out;
+    }
+    std::vector<const ggml_tensor *> todo = { out }, nodes;
+    std::set<const ggml_tensor *> seen(stop.begin(), stop.end());
+    while (!todo.empty()) {
+        const ggml_tensor * t = todo.back();
+        todo.pop_back();
+        if (!t || t->op == GGML_OP_NONE || !seen.insert(t).second) {
+            continue;
+        }
+        nodes.push_back(t);
+        for (const ggml_tensor * s : t->src) {
+            todo.push_back(s);
+        }
+    }
+    log_nodes(nodes);
+    return out;
+}
+
 void llama_kv_minicache::check_ops(size_t ib, ggml_cgraph * gf) const {
     const merge_backend & be = backends[ib];
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
-        const ggml_tensor * node = ggml_graph_node(gf, i);
-        const bool refused = !refuse_ops.empty() && refuse_ops.find(std::string(",") + ggml_op_name(node->op) + ",") != std::string::npos;
-        if (!ggml_backend_supports_op(be.backend, node) || refused) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (!backend_has_op(ib, node)) {
             throw std::runtime_error(format("the %s backend cannot run %s of %s rows (the merge step of %s)", ggml_backend_name(be.backend),
                     ggml_op_desc(node), ggml_type_name(node->src[0] ? node->src[0]->type : node->type), node->name));
         }
@@ -97,6 +146,7 @@ void llama_kv_minicache::check_merge_ops() {
     }
     try {
         check_merge_graphs();
+        check_fold_ops();
     } catch (const std::exception & e) {
         llama_minicache_set_error(e.what());
         throw std::runtime_error(std::string("MiniCache: ") + e.what());
@@ -134,7 +184,54 @@ void llama_kv_minicache::check_merge_graphs() {
             ggml_tensor * v = ggml_reshape_2d(ctx, mc_input(ctx, GGML_TYPE_F32, std::vector<float>(1, 0.0f), inputs), 1, 1);
             ggml_build_forward_expand(gf, scatter(ctx, p.norm[0], v, { 0 }, false, inputs));
         }
+        if (!ops_log.empty()) {
+            std::vector<const ggml_tensor *> nodes;
+            for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+                nodes.push_back(ggml_graph_node(gf, i));
+            }
+            log_nodes(nodes);
+        }
         check_ops(ib, gf);
+    }
+}
+
+void llama_kv_minicache::check_fold_ops() {
+    // the decoding fold sums rows stored by rows (quantized V directions and exact rows; dense V of a
+    // K-only layer with flash attention on) with OUT_PROD [dh, n] x [m, n], which not every backend has
+    // (CUDA: F32 only; Metal: none): those layers restore their merged K/V for decoding too
+    ggml_init_params ip0 = { ggml_tensor_overhead()*3*(fold_ok.size() + 1), nullptr, true }; // 3 tensors a layer
+    ggml_context_ptr ctx_ptr(ggml_init(ip0));
+    ggml_context * ctx = ctx_ptr.get();
+    std::string off;
+    for (int32_t il = 0; il < (int32_t) fold_ok.size(); ++il) {
+        const int32_t ipk = pool_of[2*il + KIND_K];
+        const int32_t ipv = pool_of[2*il + KIND_V];
+        if (!fold_ok[il] || (ipk < 0 && ipv < 0)) {
+            continue;
+        }
+        ggml_type rows_type = GGML_TYPE_COUNT;
+        size_t ib = 0;
+        if (ipv >= 0 && !dir_trans(pools[ipv])) {
+            rows_type = type_v;
+            ib = backend_of(pools[ipv].dir);
+        } else if (ipv < 0 && !v_trans) {
+            rows_type = type_v; // the layer's dense V, on the device of its K pool
+            ib = backend_of(pools[ipk].dir);
+        }
+        if (rows_type == GGML_TYPE_COUNT) {
+            continue;
+        }
+        const int64_t blck = ggml_blck_size(rows_type);
+        ggml_tensor * x = ggml_new_tensor_2d(ctx, rows_type, blck, 2);
+        ggml_tensor * w = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, 2);
+        if (!backend_has_op(ib, ggml_out_prod(ctx, x, w))) {
+            fold_ok[il] = 0;
+            off += (off.empty() ? "" : ",") + std::to_string(il);
+        }
+    }
+    if (!off.empty()) {
+        LLAMA_LOG_INFO("%s: MiniCache: no OUT_PROD of %s rows on the cache's backend: layers %s restore merged K/V for decoding\n",
+                __func__, ggml_type_name(type_v), off.c_str());
     }
 }
 
@@ -298,17 +395,17 @@ ggml_tensor * llama_kv_minicache::build_merge(ggml_context * ctx, ggml_tensor * 
     ggml_tensor * dist  = ggml_mul(ctx, ggml_scale(ctx, omega, (float) (1.0/M_PI)), both); // a zero row: 0
 
     if (dir) {
-        // below eps, or within eps of pi, the blend is linear (the core turns antipodal rows towards a
-        // fixed perpendicular instead: rows exactly opposite up to 1e-6 rad)
-        ggml_tensor * lin = ggml_add(ctx,
-                ggml_step(ctx, ggml_scale_bias(ctx, omega, -1.0f, eps)),
-                ggml_step(ctx, ggml_scale_bias(ctx, omega,  1.0f, eps - (float) M_PI)));
-        ggml_tensor * so = ggml_add(ctx, ggml_sin(ctx, omega), lin); // no division by 0 where linear
+        // below eps the blend is linear; within eps of pi no direction serves both rows: 0 (the core's
+        // rule, native/minicache.h)
+        ggml_tensor * lin0  = ggml_step(ctx, ggml_scale_bias(ctx, omega, -1.0f, eps));
+        ggml_tensor * linpi = ggml_step(ctx, ggml_scale_bias(ctx, omega,  1.0f, eps - (float) M_PI));
+        ggml_tensor * lin   = ggml_add(ctx, lin0, linpi);
+        ggml_tensor * so = ggml_add(ctx, ggml_sin(ctx, omega), lin); // no division by 0 where not SLERP
         ggml_tensor * nl = mc_one_minus(ctx, lin);
         ggml_tensor * w0 = ggml_div(ctx, ggml_sin(ctx, ggml_scale(ctx, omega, 1.0f - t)), so);
         ggml_tensor * w1 = ggml_div(ctx, ggml_sin(ctx, ggml_scale(ctx, omega, t)), so);
-        w0 = ggml_add(ctx, ggml_mul(ctx, w0, nl), ggml_scale(ctx, lin, 1.0f - t));
-        w1 = ggml_add(ctx, ggml_mul(ctx, w1, nl), ggml_scale(ctx, lin, t));
+        w0 = ggml_add(ctx, ggml_mul(ctx, w0, nl), ggml_scale(ctx, lin0, 1.0f - t));
+        w1 = ggml_add(ctx, ggml_mul(ctx, w1, nl), ggml_scale(ctx, lin0, t));
         // a zero row: the other row's direction
         w0 = ggml_add(ctx, ggml_mul(ctx, w0, both), ggml_mul(ctx, nz0, mc_one_minus(ctx, nz1)));
         w1 = ggml_add(ctx, ggml_mul(ctx, w1, both), mc_one_minus(ctx, nz0));
@@ -388,6 +485,9 @@ void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merg
             p.norm_host[0][c] = st.empty() ? 0.0f : st[i];
             p.norm_host[1][c] = st.empty() ? 0.0f : st[n + i];
             p.dist[c]         = st.empty() ? 0.0f : st[2*n + i];
+            if (!std::isfinite(p.norm_host[0][c]) || !std::isfinite(p.norm_host[1][c])) {
+                p.dist[c] = 1.0f; // a row holding NaN/Inf: most distinct, its direction is 0 (see demote)
+            }
         }
     }
 

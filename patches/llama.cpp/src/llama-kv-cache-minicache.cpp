@@ -124,6 +124,13 @@ llama_kv_minicache::llama_kv_minicache(
     if (const char * s = getenv("LLAMA_MINICACHE_REFUSE_OPS"); s && *s) {
         refuse_ops = std::string(",") + s + ",";
     }
+    if (const char * s = getenv("LLAMA_MINICACHE_OPS_LOG")) {
+        ops_log = s;
+    }
+    if (const char * s = getenv("LLAMA_MINICACHE_RESTORE")) {
+        force_restore = atoi(s) != 0;
+    }
+    fold_ok.assign(n_layer, force_restore ? 0 : 1);
 
     if (hparams.swa_type != LLAMA_SWA_TYPE_NONE || hparams.is_swa_any()) {
         throw std::runtime_error("models with sliding-window attention (iSWA caches, e.g. Gemma 3) are not supported yet");
@@ -279,6 +286,10 @@ bool llama_kv_minicache::is_merged(int32_t il, int kind) const {
     }
     const int64_t i = 2*(int64_t) il + kind;
     return i < (int64_t) pool_of.size() && pool_of[i] >= 0;
+}
+
+bool llama_kv_minicache::can_fold(int32_t il) const {
+    return il >= 0 && il < (int32_t) fold_ok.size() && fold_ok[il];
 }
 
 size_t llama_kv_minicache::n_tensors() const {
@@ -467,6 +478,10 @@ void llama_kv_minicache::demote(pool & p, uint32_t c) {
     GGML_ASSERT(s >= 0 && merged[c]);
     p.pend_demote.emplace_back(c, s);
     free_slot(p, s);
+    if (!std::isfinite(p.norm_host[0][c]) || !std::isfinite(p.norm_host[1][c])) {
+        // a row holding NaN/Inf: direction 0 (the core's rule), written after the merge that computes it
+        p.pend_zero_cells.push_back(c);
+    }
 }
 
 void llama_kv_minicache::release_cell(uint32_t c) {

@@ -38,6 +38,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <queue>
 #include <string>
 #include <unordered_map>
@@ -107,6 +108,10 @@ public:
 
     bool is_merged(int32_t il, int kind) const;
 
+    // a decoding ubatch of layer il may fold the norms into the attention (build_attn); otherwise the
+    // layer's merged K/V are restored and the stock attention runs (see check_merge_ops)
+    bool can_fold(int32_t il) const;
+
     // number of tensors create_tensors() adds (to size the no_alloc contexts)
     size_t n_tensors() const;
 
@@ -118,7 +123,9 @@ public:
 
     // write the rotations of aligned pools to their tensors (after the buffers are allocated or cleared)
     // builds the merge step's graphs for one cell per pool and checks every op on the backend holding
-    // the pools: throws, naming op, type and backend, if one is not supported (after the buffers exist)
+    // the pools: throws, naming op, type and backend, if one is not supported (after the buffers exist).
+    // Turns the decoding fold off for the layers whose fold sums rows with an OUT_PROD that backend
+    // lacks for their row type (V stored by rows: quantized, or dense V with flash attention on)
     void check_merge_ops();
 
     void upload_rotations();
@@ -284,6 +291,18 @@ private:
     // LLAMA_MINICACHE_REFUSE_OPS=OP[,OP...] (ggml op names, read at creation, kept as ",OP,...,"): the merge
     // step treats those ops as unsupported by every backend, as a backend without them would (tests)
     std::string     refuse_ops;
+    // LLAMA_MINICACHE_OPS_LOG=FILE (read at creation): every node the engine builds (attention,
+    // restore, writes, the merge step's creation check) is appended to FILE as one line: op, type,
+    // source types and layouts (the test that holds them against the GPU backends' supports_op)
+    std::string     ops_log;
+    // out, after appending the nodes between it and stop (and the graph's leaves) to ops_log
+    ggml_tensor * logged(ggml_tensor * out, std::initializer_list<const ggml_tensor *> stop) const;
+    void log_nodes(const std::vector<const ggml_tensor *> & nodes) const;
+    // LLAMA_MINICACHE_RESTORE=1 (read at creation): every ubatch restores merged K/V and runs the stock
+    // attention (debugging, benchmarks of the two paths)
+    bool            force_restore = false;
+    // per layer: 0 where a decoding ubatch restores instead of folding (set by check_merge_ops)
+    std::vector<uint8_t> fold_ok;
 
     ggml_type type_of(int kind) const { return kind == KIND_K ? type_k : type_v; }
 
@@ -325,6 +344,8 @@ private:
     void init_backends();
     // compute gf on backends[ib] after uploading inputs (tensor, bytes)
     void check_merge_graphs();
+    bool backend_has_op(size_t ib, ggml_tensor * node) const;
+    void check_fold_ops();
     // the pools whose tensors live on backend ib
     std::vector<size_t> pools_on(size_t ib);
     // every node of gf is an op the backend runs (else an error naming op, type and backend)
@@ -353,7 +374,7 @@ private:
     void flush();
     // forget a pool's pending writes (applied, or nothing to apply them to)
     static void drop_pending(pool & p);
-    // restored merged part of layer a of an aligned pool: cur [n_embd, n] * R^T
+    // restored merged part of layer a of an aligned pool: cur [n_embd, n] * R^T, in F32
     ggml_tensor * unrotate(ggml_context * ctx, const pool & p, ggml_tensor * cur) const;
     std::vector<int32_t> layout_desc() const;
     // keep the most distinct merged cells of a pool in their slots, demote the others

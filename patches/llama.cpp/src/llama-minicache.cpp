@@ -170,9 +170,7 @@ ggml_tensor * llama_kv_cache::build_attn_minicache(ggml_context * ctx, ggml_tens
         float max_bias, int32_t il, uint32_t n_kv, const slot_info & sinfo, const llama_kv_minicache_inputs * mc_inp) const {
     const bool mk = mc && mc->is_merged(il, llama_kv_minicache::KIND_K);
     const bool mv = mc && mc->is_merged(il, llama_kv_minicache::KIND_V);
-    // env LLAMA_MINICACHE_RESTORE=1: always restore merged K/V and run the stock attention (debug, benchmarks)
-    static const bool force_restore = getenv("LLAMA_MINICACHE_RESTORE") && atoi(getenv("LLAMA_MINICACHE_RESTORE"));
-    if (!(mk || mv) || !mc_inp || force_restore) {
+    if (!(mk || mv) || !mc_inp || !mc->can_fold(il)) {
         return nullptr;
     }
 
