@@ -1,8 +1,14 @@
 """cffi binding of the MiniCache native core (native/minicache.h).
 
 The functions are looked up in the patched libllama itself, where patch 0001 links the core:
-Python and the engine run the very same object code. Every function here has the signature of
-its counterpart in :mod:`minicache_gguf.reference` (the NumPy oracle), so tests run both.
+Python and the engine run the very same object code. The core holds only what the engine runs on
+the host, so this module exposes only that: :func:`restore` (norm * dir, * R^T for the rotated
+layer, through strided f16/f32 views: the engine's llama_minicache_get_rows), :func:`retain_count`
+(retention's ceil(gamma * n)) and the f16 conversions (:func:`fp32_to_fp16`, :func:`fp16_to_fp32`),
+plus :func:`load` and :func:`version`. Each has the signature of its counterpart in
+:mod:`minicache_gguf.reference`, so tests compare the two. The merge itself (SLERP, norms,
+distances) runs as ggml graphs inside the engine; its NumPy reference is
+:mod:`minicache_gguf.reference`, with no C copy here.
 """
 
 from __future__ import annotations
@@ -14,11 +20,10 @@ import numpy as np
 from cffi import FFI
 
 from . import _engine
-from .reference import RETENTION_MODES, MergeResult, _check_t
 
 __all__ = [
-    "MinicacheError", "load", "version", "row_norms", "slerp", "merge", "restore",
-    "angular_distance", "retain_count", "retain_select", "fp32_to_fp16", "fp16_to_fp32",
+    "MinicacheError", "load", "version", "restore", "retain_count", "fp32_to_fp16", "fp16_to_fp32",
+    "header_prototypes",
 ]
 
 # mirror of native/minicache.h (C prototypes; tests check it against the header)
@@ -33,7 +38,6 @@ enum minicache_status {
     MINICACHE_ERR_ALLOC     = -6,
 };
 enum minicache_type { MINICACHE_TYPE_F32 = 0, MINICACHE_TYPE_F16 = 1 };
-enum minicache_retention { MINICACHE_RETAIN_TOPK = 0, MINICACHE_RETAIN_THRESHOLD = 1 };
 struct minicache_view { void * data; int32_t type; int64_t nb0; int64_t nb1; };
 
 const char * minicache_version(void);
@@ -42,17 +46,9 @@ uint16_t minicache_fp32_to_fp16(float f);
 float    minicache_fp16_to_fp32(uint16_t h);
 void     minicache_fp32_to_fp16_row(const float * x, uint16_t * y, int64_t n);
 void     minicache_fp16_to_fp32_row(const uint16_t * x, float * y, int64_t n);
-int32_t minicache_row_norms(const struct minicache_view * x, int64_t n_rows, int64_t n_embd, float * norms);
-int32_t minicache_slerp(const float * u0, const float * u1, int64_t n, float t, float * out, float * dist);
-int32_t minicache_merge(const struct minicache_view * x0, const struct minicache_view * x1,
-                        int64_t n_rows, int64_t n_embd, float t, const float * rot,
-                        const struct minicache_view * dir, float * norm0, float * norm1, float * dist);
 int32_t minicache_restore(const struct minicache_view * dir, const float * norm, int64_t n_rows,
                           int64_t n_embd, const float * rot, const struct minicache_view * out);
-int32_t minicache_angular_distance(const struct minicache_view * x0, const struct minicache_view * x1,
-                                   int64_t n_rows, int64_t n_embd, const float * rot, float * dist);
 int64_t minicache_retain_count(int64_t n, float gamma);
-int64_t minicache_retain_select(const float * dist, int64_t n, float gamma, int32_t mode, uint8_t * keep);
 """
 
 _ffi = FFI()
@@ -128,53 +124,6 @@ def _rot(rot, n: int):
     return rot
 
 
-def row_norms(x) -> np.ndarray:
-    x = _rows(x, "x")
-    out = np.empty(x.shape[0], dtype=np.float32)
-    _check("minicache_row_norms", load().minicache_row_norms(_view(x), x.shape[0], x.shape[1], _fptr(out)))
-    return out
-
-
-def slerp(u0, u1, t: float):
-    a = np.ascontiguousarray(u0, dtype=np.float32)
-    b = np.ascontiguousarray(u1, dtype=np.float32)
-    if a.ndim != 1 or a.shape != b.shape or a.size < 1:
-        raise ValueError(f"u0 and u1 must be 1-D of the same length >= 1, got {a.shape} and {b.shape}")
-    t = _check_t(t)
-    out = np.empty_like(a)
-    d = _ffi.new("float *")
-    _check("minicache_slerp", load().minicache_slerp(_fptr(a), _fptr(b), a.size, t, _fptr(out), d))
-    return out, float(d[0])
-
-
-def merge(x0, x1, t: float, rot=None, out_dtype=np.float32) -> MergeResult:
-    x0, x1 = _rows(x0, "x0"), _rows(x1, "x1")
-    if x0.shape != x1.shape:
-        raise ValueError(f"x0 and x1 must have the same shape, got {x0.shape} and {x1.shape}")
-    t = _check_t(t)
-    n_rows, n = x0.shape
-    r = _rot(rot, n)
-    out_dtype = np.dtype(out_dtype)
-    if out_dtype not in _TYPES:
-        raise TypeError(f"output dtype must be float32 or float16, got {out_dtype}")
-    res = MergeResult(np.empty((n_rows, n), dtype=out_dtype), *(np.empty(n_rows, dtype=np.float32) for _ in range(3)))
-    _check("minicache_merge", load().minicache_merge(
-        _view(x0), _view(x1), n_rows, n, t, _fptr(r), _view(res.dir),
-        _fptr(res.norm0), _fptr(res.norm1), _fptr(res.dist)))
-    return res
-
-
-def angular_distance(x0, x1, rot=None) -> np.ndarray:
-    x0, x1 = _rows(x0, "x0"), _rows(x1, "x1")
-    if x0.shape != x1.shape:
-        raise ValueError(f"x0 and x1 must have the same shape, got {x0.shape} and {x1.shape}")
-    r = _rot(rot, x0.shape[1])
-    out = np.empty(x0.shape[0], dtype=np.float32)
-    _check("minicache_angular_distance", load().minicache_angular_distance(
-        _view(x0), _view(x1), x0.shape[0], x0.shape[1], _fptr(r), _fptr(out)))
-    return out
-
-
 def restore(dir, norm, rot=None, out_dtype=np.float32) -> np.ndarray:
     e = _rows(dir, "dir")
     s = np.ascontiguousarray(norm, dtype=np.float32)
@@ -192,21 +141,6 @@ def restore(dir, norm, rot=None, out_dtype=np.float32) -> np.ndarray:
 
 def retain_count(n: int, gamma: float) -> int:
     return int(load().minicache_retain_count(int(n), float(gamma)))
-
-
-def retain_select(dist, gamma: float, mode: str = "topk") -> np.ndarray:
-    d = np.ascontiguousarray(dist, dtype=np.float32)
-    if d.ndim != 1:
-        raise ValueError(f"dist must be 1-D, got shape {d.shape}")
-    if mode not in RETENTION_MODES:
-        raise ValueError(f"retention mode {mode!r} is not valid: expected one of {RETENTION_MODES}")
-    if not (0.0 <= float(gamma) <= 1.0):
-        raise ValueError(f"gamma={gamma} is not valid: expected 0 <= gamma <= 1")
-    keep = np.zeros(d.size, dtype=np.uint8)
-    n = load().minicache_retain_select(_fptr(d), d.size, float(gamma), RETENTION_MODES.index(mode),
-                                       _fptr(keep, "uint8_t *"))
-    _check("minicache_retain_select", n)
-    return keep.astype(bool)
 
 
 def fp32_to_fp16(x) -> np.ndarray:

@@ -1,8 +1,31 @@
-"""NumPy reference of the MiniCache native core (native/minicache.h): the oracle for the C code.
+"""NumPy reference of the MiniCache merge: the oracle of the engine's merge graphs.
 
-Same contract, same function signatures as :mod:`minicache_gguf.native`; rows are the last axis.
-Arithmetic is float64, rounded once to the output dtype (float16 outputs go float64 -> float32 ->
-float16, as the C code does). See native/minicache.h for the degenerate-input rules.
+The engine merges layer pairs with ggml graphs on the cache's backend
+(patches/llama.cpp/src/llama-kv-cache-minicache-merge.cpp, build_merge); this module is the truth
+they are tested against (tests/test_engine.py, tests/test_quantized.py), and the only other copy
+of the merge math. :func:`restore` and :func:`retain_count` also have C counterparts in the native
+core (native/minicache.h, linked into the patched libllama; :mod:`minicache_gguf.native`), which
+tests compare with these. Rows are the last axis. Arithmetic is float64, rounded once to the
+output dtype (float16 outputs go float64 -> float32 -> float16, as the C core does).
+
+A merged layer pair (l-1, l) keeps, per token, ONE shared unit direction e (the SLERP of the two
+layers' unit rows at t), the two rows' L2 norms and the angular distance W / pi in [0, 1] between
+them. A row is restored as norm * e. An optional orthogonal matrix R aligns layer l-1 to layer l
+before the merge (row-vector convention: e is built from unit(x0 @ R) and unit(x1); the first row
+is restored as norm0 * e @ R.T). Retention keeps the most distinct tokens exact.
+
+Defined results for degenerate input (per row pair), the contract the engine's merge graphs follow
+(tests/test_engine.py::test_degenerate_rows_follow_the_reference_contract ties them):
+- zero row(s): unit(0) = 0. One zero row: e = the other row's unit vector, distance 0 (the merge
+  is lossless: the zero row restores as 0 * e). Both zero: e = 0, distance 0.
+- identical or nearly identical directions (angle < ANGLE_EPS = 1e-6 rad): e = (1-t)*u0 + t*u1
+  (lerp).
+- opposite directions (pi - angle < 1e-6 rad): no single direction serves both rows; e = 0 (each
+  row restores as 0: its error is its norm, where any unit direction costs one of the two rows
+  up to twice its norm). Distance 1 (retention keeps such tokens exact first).
+- a row holding NaN or Inf: its norm is the natural sqrt(sum x^2) (Inf or NaN), e = 0, distance
+  1 (most distinct: retention keeps such tokens exact first). Restoring gives NaN/Inf, never a
+  silently finite value.
 """
 
 from __future__ import annotations
@@ -102,7 +125,7 @@ def _slerp_units(u0, n0, u1, n1, t: float):
 
     out[small] = (1.0 - t) * a[small] + t * b[small]
 
-    out[anti] = 0.0  # opposite rows: no direction serves both (see native/minicache.h)
+    out[anti] = 0.0  # opposite rows: no direction serves both (see the module docstring)
 
     og = omega[gen]
     so = np.sin(og)

@@ -398,13 +398,14 @@ def test_an_op_the_backend_lacks_is_refused_at_context_creation(model_path, monk
 
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["flash_off", "flash_on"])
-def test_degenerate_rows_follow_the_core_contract(model_path, tokens, flash_attn):
+def test_degenerate_rows_follow_the_reference_contract(model_path, tokens, flash_attn):
     """Rows written into the window through a state, then merged by the engine: a row holding NaN, a
     row holding Inf, opposite rows, one direction at two lengths, a zero row. Distances, norms,
-    retained set and restored rows are the NumPy reference's (native/minicache.h: NaN/Inf ->
-    direction 0, distance 1, the row restores as NaN; opposite -> direction 0, distance 1; a zero
-    row -> the other row's direction, distance 0); with room for three retained tokens, retention
-    keeps exactly the three at distance 1; the cells without degenerate rows are unaffected."""
+    retained set and restored rows are the NumPy reference's (the contract in the docstring of
+    minicache_gguf/reference.py: NaN/Inf -> direction 0, distance 1, the row restores as NaN;
+    opposite -> direction 0, distance 1; a zero row -> the other row's direction, distance 0); with
+    room for three retained tokens, retention keeps exactly the three at distance 1; the cells
+    without degenerate rows are unaffected."""
     import mcstate
 
     n, w, row = 48, 32, N_EMBD * 2

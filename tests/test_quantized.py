@@ -69,7 +69,7 @@ def quant_llama(model_path, qtype, **kw):
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q8_0-k-flash-off"])
 def test_quantized_merge_oracle(model_path, tokens, shipped, qtype, aligned):
     """Restored K/V of every merged pool == the reference: the exact rows llama.cpp wrote,
-    dequantized, merged in the native core's arithmetic, the direction quantized with the CPU
+    dequantized, merged by reference.merge, the direction quantized with the CPU
     backend's rounding, dequantized and scaled by the norm (to f32 rounding, see
     assert_merged_rows; exact cells bit for bit); retained set == the reference's. Aligned pools
     run in llama.cpp's Hadamard basis: the engine's rotation is H R H."""

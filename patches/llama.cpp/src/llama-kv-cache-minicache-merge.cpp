@@ -1,7 +1,7 @@
 // llama_kv_minicache, the merge step on the device: the backends and allocators of the merge graphs,
-// the merge (the native core's, in f32 ggml ops), merge_cells() (norms and distances of the tokens
-// leaving the staging window) and flush() (the pending device writes: demoted directions, zeroed
-// rows, norms)
+// the merge (minicache_gguf/reference.py's, in f32 ggml ops), merge_cells() (norms and distances of
+// the tokens leaving the staging window) and flush() (the pending device writes: demoted directions,
+// zeroed rows, norms)
 
 #include "llama-kv-cache-minicache.h"
 
@@ -365,10 +365,11 @@ static ggml_tensor * mc_acos01(ggml_context * ctx, ggml_tensor * x) {
 }
 
 ggml_tensor * llama_kv_minicache::build_merge(ggml_context * ctx, ggml_tensor * x0, ggml_tensor * r0, ggml_tensor * x1, ggml_tensor ** dir) const {
-    // the native core's merge (minicache_merge) in f32 ops: norms of the unrotated rows, units (an
-    // aligned pool's layer a rotated and normalized by its own norm), the angle, SLERP
+    // the merge of the NumPy reference (minicache_gguf/reference.py: merge) in f32 ops: norms of the
+    // unrotated rows, units (an aligned pool's layer a rotated and normalized by its own norm), the
+    // angle, SLERP
     const float t   = params.t;
-    const float eps = 1e-6f; // MINICACHE_ANGLE_EPS
+    const float eps = 1e-6f; // reference.ANGLE_EPS
 
     ggml_tensor * n0 = mc_norm(ctx, x0);
     ggml_tensor * n1 = mc_norm(ctx, x1);
@@ -380,7 +381,7 @@ ggml_tensor * llama_kv_minicache::build_merge(ggml_context * ctx, ggml_tensor * 
     ggml_tensor * both = ggml_mul(ctx, nz0, nz1);
 
     // half angle h = atan2(|u0 - u1|, |u0 + u1|), from the smaller of its sine and cosine (accurate near 0
-    // and near pi/2, as the core's atan2)
+    // and near pi/2, as the reference's arctan2)
     ggml_tensor * dm  = ggml_sum_rows(ctx, ggml_sqr(ctx, ggml_sub(ctx, u0, u1)));
     ggml_tensor * dp  = ggml_sum_rows(ctx, ggml_sqr(ctx, ggml_add(ctx, u0, u1)));
     ggml_tensor * tot = ggml_add(ctx, dm, dp);
@@ -395,8 +396,8 @@ ggml_tensor * llama_kv_minicache::build_merge(ggml_context * ctx, ggml_tensor * 
     ggml_tensor * dist  = ggml_mul(ctx, ggml_scale(ctx, omega, (float) (1.0/M_PI)), both); // a zero row: 0
 
     if (dir) {
-        // below eps the blend is linear; within eps of pi no direction serves both rows: 0 (the core's
-        // rule, native/minicache.h)
+        // below eps the blend is linear; within eps of pi no direction serves both rows: 0 (the
+        // reference's rule, minicache_gguf/reference.py)
         ggml_tensor * lin0  = ggml_step(ctx, ggml_scale_bias(ctx, omega, -1.0f, eps));
         ggml_tensor * linpi = ggml_step(ctx, ggml_scale_bias(ctx, omega,  1.0f, eps - (float) M_PI));
         ggml_tensor * lin   = ggml_add(ctx, lin0, linpi);

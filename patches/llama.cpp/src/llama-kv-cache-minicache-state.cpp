@@ -357,7 +357,7 @@ void llama_kv_minicache::state_read_cells(llama_io_read_i & io, const std::vecto
                 const float d = meta[3*i + 0];
                 const float n[2] = { meta[3*i + 1], meta[3*i + 2] };
                 // a distance is in [0, 1] (NaN would break the retention order); a norm is >= 0 or
-                // NaN/Inf (the core's marker for a non-finite row)
+                // NaN/Inf (the merge's marker for a non-finite row)
                 if (!(d >= 0.0f && d <= 1.0f) || n[0] < 0.0f || n[1] < 0.0f) {
                     throw std::runtime_error(format("MiniCache state: cell %u has distance %g and norms %g, %g "
                             "(expected a distance in [0, 1] and norms >= 0)", c, d, n[0], n[1]));

@@ -479,7 +479,7 @@ void llama_kv_minicache::demote(pool & p, uint32_t c) {
     p.pend_demote.emplace_back(c, s);
     free_slot(p, s);
     if (!std::isfinite(p.norm_host[0][c]) || !std::isfinite(p.norm_host[1][c])) {
-        // a row holding NaN/Inf: direction 0 (the core's rule), written after the merge that computes it
+        // a row holding NaN/Inf: direction 0 (the reference's rule), written after the merge that computes it
         p.pend_zero_cells.push_back(c);
     }
 }

@@ -18,9 +18,9 @@
 //                                 blocks [n_embd_head, n_embd_head, n_head_kv] for ROT_HEAD)
 // and, on the host, the slot <-> cell maps. New tokens are written to slots (staging); tokens
 // leaving the staging window are merged between ubatches by small ggml graphs computed on the
-// backend that holds the pool (CPU, CUDA, RPC, ...: the merge step of the native core,
-// native/minicache.h, in f32 ggml ops); only per-cell scalars (norms, distances, slot and cell
-// ids) cross to the host, which keeps the most distinct merged pairs in their slots (retention).
+// backend that holds the pool (CPU, CUDA, RPC, ...: the merge of the NumPy reference,
+// minicache_gguf/reference.py, in f32 ggml ops); only per-cell scalars (norms, distances, slot and
+// cell ids) cross to the host, which keeps the most distinct merged pairs in their slots (retention).
 // Layer b is read back in the graph as dir * norm; layer a as dir * norm (merged cells) + rows
 // gathered by slot (exact cells).
 //
@@ -50,8 +50,8 @@ class llama_kv_cells;
 class llama_io_write_i;
 class llama_io_read_i;
 
-// Quantized and bf16 cache types: the merge dequantizes the exact rows, merges them in f32 in the
-// native core and quantizes the direction with the CPU backend's own conversion (the rounding of
+// Quantized and bf16 cache types: the merge dequantizes the exact rows, merges them in f32 (the merge
+// graphs) and quantizes the direction with the CPU backend's own conversion (the rounding of
 // llama.cpp writing that type); norms stay F32. Rows written with llama.cpp's Hadamard rotation
 // (attn_rot_k/v) are merged in that basis: an aligned pool's R becomes H R H (set_attn_rot).
 
