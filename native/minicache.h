@@ -39,7 +39,7 @@ extern "C" {
 #endif
 
 #define MINICACHE_VERSION_MAJOR 0
-#define MINICACHE_VERSION_MINOR 1
+#define MINICACHE_VERSION_MINOR 2
 #define MINICACHE_VERSION_PATCH 0
 
 enum minicache_status {

@@ -126,7 +126,7 @@ def test_engine_cdef_mirrors_the_engine_header():
 def test_core_comes_from_patched_libllama():
     from minicache_gguf import _engine
 
-    assert native.version() == "0.1.0"
+    assert native.version() == "0.2.0"
     assert _engine.manifest("patched")["variant"] == "patched"
 
 

@@ -199,9 +199,29 @@ void llama_kv_minicache::check_fold_ops() {
     // the decoding fold sums rows stored by rows (quantized V directions and exact rows; dense V of a
     // K-only layer with flash attention on) with OUT_PROD [dh, n] x [m, n], which not every backend has
     // (CUDA: F32 only; Metal: none): those layers restore their merged K/V for decoding too
-    ggml_init_params ip0 = { ggml_tensor_overhead()*3*(fold_ok.size() + 1), nullptr, true }; // 3 tensors a layer
+    ggml_init_params ip0 = { ggml_tensor_overhead()*(3*fold_ok.size() + 4*pools.size() + 8), nullptr, true };
     ggml_context_ptr ctx_ptr(ggml_init(ip0));
     ggml_context * ctx = ctx_ptr.get();
+
+    // restoring (prompt ubatches, and decoding where the fold is off) converts a pool's directions to
+    // F32 and gathers layer a's exact rows: a backend without those ops for the pool's type cannot read
+    // the cache (e.g. iq4_nl: no CPY to F32 on CUDA or Metal)
+    for (const auto & p : pools) {
+        const size_t ib = backend_of(p.dir);
+        ggml_tensor * x = ggml_new_tensor_2d(ctx, p.dir->type, p.n_embd, 2);
+        ggml_tensor * need[2] = {
+            p.dir->type == GGML_TYPE_F32 ? nullptr : ggml_cast(ctx, x, GGML_TYPE_F32),
+            ggml_get_rows(ctx, x, ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1)),
+        };
+        for (ggml_tensor * node : need) {
+            if (node && !backend_has_op(ib, node)) {
+                throw std::runtime_error(format("the %s backend cannot run %s of %s rows (restoring the merged %s of layers %d, %d)",
+                        ggml_backend_name(backends[ib].backend), ggml_op_desc(node), ggml_type_name(p.dir->type),
+                        p.kind == KIND_K ? "K" : "V", p.il[0], p.il[1]));
+            }
+        }
+    }
+
     std::string off;
     for (int32_t il = 0; il < (int32_t) fold_ok.size(); ++il) {
         const int32_t ipk = pool_of[2*il + KIND_K];
@@ -215,8 +235,9 @@ void llama_kv_minicache::check_fold_ops() {
             rows_type = type_v;
             ib = backend_of(pools[ipv].dir);
         } else if (ipv < 0 && !v_trans) {
-            rows_type = type_v; // the layer's dense V, on the device of its K pool
-            ib = backend_of(pools[ipk].dir);
+            rows_type = type_v; // the layer's dense V, on the device of its own norms (its layer's)
+            const pool & p = pools[ipk];
+            ib = backend_of(p.norm[il == p.il[0] ? 0 : 1]);
         }
         if (rows_type == GGML_TYPE_COUNT) {
             continue;

@@ -16,6 +16,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 
@@ -362,7 +363,8 @@ void llama_kv_minicache::state_read_cells(llama_io_read_i & io, const std::vecto
                     throw std::runtime_error(format("MiniCache state: cell %u has distance %g and norms %g, %g "
                             "(expected a distance in [0, 1] and norms >= 0)", c, d, n[0], n[1]));
                 }
-                p.dist[c]         = d;
+                // a non-finite row is at distance 1 (the merge's rule), whatever the state says
+                p.dist[c]         = std::isfinite(n[0]) && std::isfinite(n[1]) ? d : 1.0f;
                 p.norm_host[0][c] = n[0];
                 p.norm_host[1][c] = n[1];
             }

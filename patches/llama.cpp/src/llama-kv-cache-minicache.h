@@ -124,6 +124,7 @@ public:
     // write the rotations of aligned pools to their tensors (after the buffers are allocated or cleared)
     // builds the merge step's graphs for one cell per pool and checks every op on the backend holding
     // the pools: throws, naming op, type and backend, if one is not supported (after the buffers exist).
+    // Throws likewise if the backend cannot restore a pool's rows (CPY to F32, GET_ROWS of its type).
     // Turns the decoding fold off for the layers whose fold sums rows with an OUT_PROD that backend
     // lacks for their row type (V stored by rows: quantized, or dense V with flash attention on)
     void check_merge_ops();
@@ -295,7 +296,7 @@ private:
     // restore, writes, the merge step's creation check) is appended to FILE as one line: op, type,
     // source types and layouts (the test that holds them against the GPU backends' supports_op)
     std::string     ops_log;
-    // out, after appending the nodes between it and stop (and the graph's leaves) to ops_log
+    // out, after appending the nodes between it and stop (leaves excluded) to ops_log
     ggml_tensor * logged(ggml_tensor * out, std::initializer_list<const ggml_tensor *> stop) const;
     void log_nodes(const std::vector<const ggml_tensor *> & nodes) const;
     // LLAMA_MINICACHE_RESTORE=1 (read at creation): every ubatch restores merged K/V and runs the stock
