@@ -20,6 +20,7 @@ import pytest
 from minicache_gguf import ConfigError, Llama, MergeConfig, _internals, corpus
 from minicache_gguf.config import PairSpec
 from minicache_gguf.llama import llama_cpp
+from test_native import random_orthogonal
 
 N_EMBD = 192
 
@@ -121,10 +122,6 @@ def metal_runs(n: Node) -> bool:
 PROBED = {("CPY", "iq4_nl"), ("GET_ROWS", "iq4_nl")}
 
 
-def _orth(rng, n):
-    q, r = np.linalg.qr(rng.standard_normal((n, n)))
-    return (q * np.sign(np.diag(r))).astype(np.float32)
-
 
 # (type_k, type_v, flash attention, rotation form, kinds merged): the attention paths and pool kinds
 CASES = {
@@ -157,7 +154,7 @@ def built_nodes(model_path, toks, monkeypatch, tmp_path, case):
     pairs = []
     for layer in (4, 12, 20):
         for kind in kinds:
-            rot = None if form == "none" else (_orth(rng, N_EMBD) if form == "full" else np.stack([_orth(rng, 64) for _ in range(3)]))
+            rot = None if form == "none" else (random_orthogonal(N_EMBD, rng) if form == "full" else np.stack([random_orthogonal(64, rng) for _ in range(3)]))
             pairs.append(PairSpec(kind, layer, None if rot is None else form, rot))
     cfg = MergeConfig(window=32)
     _internals.set_pending(_internals.params_from_config(cfg, 256, pairs))
