@@ -122,7 +122,6 @@ def metal_runs(n: Node) -> bool:
 PROBED = {("CPY", "iq4_nl"), ("GET_ROWS", "iq4_nl")}
 
 
-
 # (type_k, type_v, flash attention, rotation form, kinds merged): the attention paths and pool kinds
 CASES = {
     "f16_flash_off": ("f16", "f16", False, "head", "kv"),
