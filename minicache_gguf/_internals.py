@@ -376,11 +376,12 @@ def set_seq_state(llm, blob: bytes, seq_id: int = 0) -> None:
     kvstate.set_seq_state(llama_cpp, llm._ctx.ctx, blob, seq_id)
 
 
-def capture_kv(llm, tokens: list[int]) -> kvstate.SeqState:
-    """Real K/V rows of a stock context after evaluating tokens (post-RoPE K)."""
+def capture_kv(llm, tokens: list[int], layer_groups=None) -> kvstate.SeqState:
+    """Real K/V rows of a stock context after evaluating tokens (post-RoPE K). layer_groups: the
+    model's KV caches' layers (ModelInfo.cache_layers(); needed for a model with sliding-window layers)."""
     llm.reset()
     llm.eval(tokens)
-    return kvstate.parse_seq_state(seq_state(llm))
+    return kvstate.parse_seq_state(seq_state(llm), layer_groups)
 
 
 def token_text(llm, token: int) -> str:

@@ -133,8 +133,10 @@ class CacheSim:
 
     def stock(self, st: kvstate.SeqState) -> kvstate.SeqState:
         """A float32 copy of a captured state holding what the stock cache of these types holds."""
-        return kvstate.SeqState(st.seq_id, st.pos, st.seq_ids, st.v_trans,
-                                [self.stored("k", x) for x in st.k], [self.stored("v", x) for x in st.v])
+        out = st.replace_rows([self.stored("k", x) for x in st.k], [self.stored("v", x) for x in st.v])
+        if st.next is not None:
+            out.next = self.stock(st.next)
+        return out
 
 
 def merge_pair(st: kvstate.SeqState, q: PairSpec, t: float, gamma: float, window: int, retention: str = "topk",
@@ -171,7 +173,7 @@ def simulate_merge(st: kvstate.SeqState, pairs: list[PairSpec], t: float, gamma:
     (kind, layer) -> the pair's merged rows, filled and reused (a pair's rows do not depend on the
     other pairs)."""
     # the untouched layers are shared with st (calibration simulates many selections per run)
-    out = kvstate.SeqState(st.seq_id, st.pos, st.seq_ids, st.v_trans, list(st.k), list(st.v))
+    out = st.replace_rows(st.k, st.v)
     n_m = max(0, st.n_cells - window)
     if n_m == 0:
         return out

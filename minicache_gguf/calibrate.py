@@ -52,6 +52,7 @@ from .calfile import (Calibration, CalibrationError, auto_path, find_auto, find_
 from .config import DEFAULT_SCORED, GGML_TYPES, ConfigError, MergeConfig, PairSpec, merged_n_ubatch
 from .metrics import KldScorer
 from .model import ModelInfo
+from .validate import sliding_window_refusal
 
 DEFAULT_FIT_TOKENS = 2048
 #: where the retrieval probe's span starts, as a fraction of the context
@@ -193,6 +194,8 @@ def calibrate(model_path, *, form: str = MergeConfig.alignment, max_kld: float =
     else:
         texts, source = {"user": text}, "user text"
     info = ModelInfo.of(model_path)
+    if sliding_window_refusal(info):
+        raise ConfigError(f"calibrate: {sliding_window_refusal(info)}")
     sim = CacheSim(type_k, type_v, info.n_embd_k // info.n_head_kv, info.n_embd_v // info.n_head_kv)
     t0 = time.perf_counter()
     context = n_ctx - scored
@@ -389,6 +392,8 @@ def estimate_seconds(model_path, *, n_ctx: int = MergeConfig.calibration_ctx, fr
     """The time a calibration of this model takes on this machine, from one timed 512-token prefill
     (the model is loaded for it: seconds for a small model)."""
     info = ModelInfo.of(model_path)
+    if sliding_window_refusal(info):
+        raise ConfigError(f"calibrate: {sliding_window_refusal(info)}")
     sim = CacheSim(type_k, type_v, info.n_embd_k // info.n_head_kv, info.n_embd_v // info.n_head_kv)
     llm = _scoring_llama(model_path, 1024, sim)
     try:

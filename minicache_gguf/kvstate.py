@@ -2,14 +2,19 @@
 
 Used to capture real K/V rows of a stock (unmerged) cache and to write modified rows back — the
 reference path that the merged engine is checked against. Covers what this project runs: one
-stream, no per-cell extension data (no M-RoPE), f16/f32 K and V, V transposed or not. Anything
-else is refused with a clear error rather than misread.
+stream, no per-cell extension data (no M-RoPE), f16/f32 K and V, V transposed or not, and the
+two caches of an interleaved sliding-window model (Gemma 2/3: llama.cpp's iSWA cache writes the
+full-attention layers' cache, then the sliding-window layers'). Anything else is refused with a
+clear error rather than misread.
 
 Layout (llama_context::state_seq_get_data + llama_kv_cache::state_write, llama.cpp 0c1e57098):
-  u32 magic 0xaf143cd8; i32 seq_id; u32 n_stream; per stream: u32 cell_count; cell_count x (i32 pos, u32 n_seq_id, n_seq_id x i32 seq);
+  u32 magic 0xaf143cd8; i32 seq_id; then per cache (one; two for iSWA):
+  u32 n_stream; per stream: u32 cell_count; cell_count x (i32 pos, u32 n_seq_id, n_seq_id x i32 seq);
   u32 v_trans; u32 n_layer; n_layer x (i32 k_type, u64 k_row_bytes, cell_count rows);
   V, not transposed: n_layer x (i32 v_type, u64 v_row_bytes, cell_count rows)
   V, transposed:     n_layer x (i32 v_type, u32 el_bytes, u32 n_embd_v, n_embd_v x cell_count elements)
+(a cache with no cell of the sequence writes no v_trans/n_layer/rows). A sliding-window cache writes
+only the cells inside the window of the sequence's last position.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import struct
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -37,12 +43,32 @@ class SeqState:
     pos: np.ndarray                 # [cell_count] int32 positions
     seq_ids: list                   # per cell, the sequence ids
     v_trans: bool
-    k: list = field(default_factory=list)  # per layer [cell_count, n_embd_k] (f16/f32)
-    v: list = field(default_factory=list)  # per layer [cell_count, n_embd_v], un-transposed
+    k: list = field(default_factory=list)  # per layer of this cache [cell_count, n_embd_k] (f16/f32)
+    v: list = field(default_factory=list)  # per layer of this cache [cell_count, n_embd_v], un-transposed
+    #: the model layer of each entry of k/v (None: entry i is layer i, a cache holding every layer)
+    layers: Optional[list] = None
+    #: the cache written after this one in the same blob (iSWA: the sliding-window layers' cache)
+    next: Optional["SeqState"] = None
 
     @property
     def n_cells(self) -> int:
         return len(self.pos)
+
+    def layer_ids(self) -> list:
+        """The model layer of each entry of k/v."""
+        return list(range(len(self.k))) if self.layers is None else list(self.layers)
+
+    def replace_rows(self, k: list, v: list) -> "SeqState":
+        """A copy of this cache's state with other K/V rows (same cells; the caches after it shared)."""
+        return SeqState(self.seq_id, self.pos, self.seq_ids, self.v_trans, list(k), list(v), self.layers, self.next)
+
+    def truncated(self, n: int) -> "SeqState":
+        """This cache's first n cells (a causal prefix of a single-cache state is a valid state)."""
+        if self.next is not None:
+            raise KvStateError("a prefix of a state with a second cache (iSWA) is not a state: its sliding-window "
+                               "cache holds the cells of the full context's window")
+        return SeqState(self.seq_id, self.pos[:n], self.seq_ids[:n], self.v_trans, [x[:n] for x in self.k],
+                        [x[:n] for x in self.v], self.layers)
 
 
 class _Reader:
@@ -73,12 +99,7 @@ def _dtype(t: int) -> np.dtype:
     return _DTYPES[t]
 
 
-def parse_seq_state(blob: bytes) -> SeqState:
-    r = _Reader(blob)
-    magic = r.u32()
-    if magic != SEQ_MAGIC:
-        raise KvStateError(f"not a llama.cpp sequence state (magic {magic:#x}, expected {SEQ_MAGIC:#x})")
-    seq_id = r.i32()
+def _parse_cache(r: _Reader, seq_id: int) -> SeqState:
     n_stream = r.u32()
     if n_stream != 1:
         raise KvStateError(f"n_stream={n_stream}: only single-stream KV states are supported")
@@ -124,18 +145,45 @@ def parse_seq_state(blob: bytes) -> SeqState:
             if row % dt.itemsize:
                 raise KvStateError(f"V row of {row} bytes is not a whole number of {dt} elements")
             st.v.append(np.frombuffer(r.take(row * n), dtype=dt).reshape(n, row // dt.itemsize).copy())
-    if r.o != len(r.b):
-        raise KvStateError(f"{len(r.b) - r.o} trailing bytes after the KV state")
     return st
 
 
-def serialize_seq_state(st: SeqState) -> bytes:
-    out = [struct.pack("<IiII", SEQ_MAGIC, st.seq_id, 1, st.n_cells)]
+def parse_seq_state(blob: bytes, layer_groups: Optional[list] = None) -> SeqState:
+    """The first cache's state; a second cache in the blob (iSWA) becomes its `next`.
+    layer_groups: the model layers each cache holds, in the order they are written
+    (ModelInfo.cache_layers()); the states' `layers` are set from it and their layer counts checked."""
+    r = _Reader(blob)
+    magic = r.u32()
+    if magic != SEQ_MAGIC:
+        raise KvStateError(f"not a llama.cpp sequence state (magic {magic:#x}, expected {SEQ_MAGIC:#x})")
+    seq_id = r.i32()
+    parts = [_parse_cache(r, seq_id)]
+    if r.o != len(r.b) and layer_groups is not None and len(layer_groups) > 1:
+        parts.append(_parse_cache(r, seq_id))
+    if r.o != len(r.b):
+        hint = "" if layer_groups is not None else \
+            " (a model with sliding-window layers writes two caches: pass layer_groups=ModelInfo.cache_layers())"
+        raise KvStateError(f"{len(r.b) - r.o} trailing bytes after the KV state{hint}")
+    if layer_groups is not None:
+        if len(parts) != len(layer_groups):
+            raise KvStateError(f"the state holds {len(parts)} KV cache(s), the model {len(layer_groups)}")
+        for part, layers in zip(parts, layer_groups):
+            if part.n_cells and len(part.k) != len(layers):
+                raise KvStateError(f"a KV cache of the state holds {len(part.k)} layers, the model's holds "
+                                   f"{len(layers)} ({list(layers)})")
+            part.layers = list(layers) if len(layer_groups) > 1 else None
+    for a, b in zip(parts, parts[1:]):
+        a.next = b
+    return parts[0]
+
+
+def _serialize_cache(st: SeqState, out: list) -> None:
+    out.append(struct.pack("<II", 1, st.n_cells))
     for p, seqs in zip(st.pos, st.seq_ids):
         out.append(struct.pack("<iI", int(p), len(seqs)))
         out.extend(struct.pack("<i", s) for s in seqs)
     if st.n_cells == 0:
-        return b"".join(out)
+        return
     out.append(struct.pack("<II", int(st.v_trans), len(st.k)))
     type_of = {v: k for k, v in _DTYPES.items()}
     for k in st.k:
@@ -148,6 +196,14 @@ def serialize_seq_state(st: SeqState) -> bytes:
         else:
             out.append(struct.pack("<iQ", type_of[v.dtype], v.shape[1] * v.dtype.itemsize))
             out.append(np.ascontiguousarray(v).tobytes())
+
+
+def serialize_seq_state(st: SeqState) -> bytes:
+    out = [struct.pack("<Ii", SEQ_MAGIC, st.seq_id)]
+    part = st
+    while part is not None:
+        _serialize_cache(part, out)
+        part = part.next
     return b"".join(out)
 
 

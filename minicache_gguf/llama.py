@@ -70,6 +70,14 @@ class Llama(llama_cpp.Llama):
         n_ubatch defaults to the window (at least 256, at most 512: config.merged_n_ubatch), since the
         exact staging pool holds max(window, n_ubatch) tokens.
 
+    Models with interleaved sliding-window layers (Gemma 2/3): swa_full defaults to False, as in
+    llama.cpp's llama-server (llama-cpp-python's default, True, gives the sliding-window layers a
+    cache of n_ctx cells instead of about their window: on Gemma 3 270M at n_ctx 32768, 576 MiB of
+    f16 KV instead of 111). The window-sized cache has dropped the cells that fell out of the window,
+    so a cached prefix is reused only while the cache still holds the window in front of it; a prompt
+    that rewinds further is evaluated from scratch (it gives what a new Llama gives). swa_full=True
+    keeps every cell and reuses any prefix.
+
     Cache reuse with merging on: merging is irreversible (tokens that left the window are stored
     as shared directions), so a cached prefix is only as good as the history that merged it. A
     call whose prompt continues the cached tokens exactly (a chat's next turn) reuses the cache as
@@ -99,6 +107,8 @@ class Llama(llama_cpp.Llama):
         for name in ("type_k", "type_v"):
             if kwargs.get(name) is not None:
                 kwargs[name] = GGML_TYPES[cache_type(kwargs[name], name)]
+        # sliding-window layers keep a window-sized cache (llama-server's default; see the docstring)
+        kwargs.setdefault("swa_full", False)
         self.merge_config = cfg = _resolve_kv_merge(kv_merge)
         if model_path is None:
             model_path = default_model_path()
@@ -163,11 +173,23 @@ class Llama(llama_cpp.Llama):
             shared += 1
         if self.merge_config is not None and shared < self.n_tokens:
             return 0
+        if 0 < shared < self.n_tokens and not self._holds_window_before(shared):
+            return 0
         return shared
 
+    def _holds_window_before(self, pos: int) -> bool:
+        """False when the model's sliding-window layers keep a window-sized cache (swa_full=False)
+        that no longer holds the cells tokens from pos on attend to (llama-server's test)."""
+        n_swa = llama_cpp.llama_model_n_swa(self.model)
+        if n_swa <= 0 or self.context_params.swa_full:
+            return True
+        pos_min = llama_cpp.llama_memory_seq_pos_min(llama_cpp.llama_get_memory(self.ctx), 0)
+        return pos_min <= max(0, pos - n_swa)
+
     def generate(self, tokens, *args, reset: bool = True, **kwargs):
-        if self.merge_config is not None and reset and self.n_tokens > 0 and self.reusable_prefix(tokens) == 0:
-            # the cache holds tokens past the shared prefix, and they merged some of it: start over
+        if reset and self.n_tokens > 0 and self.reusable_prefix(tokens) == 0:
+            # nothing reusable (merging on: tokens past the prefix merged some of it; a window-sized
+            # sliding-window cache: it lost the window in front of the prefix): start over
             self.reset()
         yield from super().generate(tokens, *args, reset=reset, **kwargs)
 

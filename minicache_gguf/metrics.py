@@ -30,9 +30,11 @@ class KldScorer:
     `probes` are other named continuations of the same context (e.g. a span of the context
     repeated, which the model must copy from far back); `klds(state)` scores all of them."""
 
-    def __init__(self, llm, context: list[int], scored: list[int], probes: dict | None = None, stock=None):
+    def __init__(self, llm, context: list[int], scored: list[int], probes: dict | None = None, stock=None,
+                 layer_groups=None):
         """stock: SeqState -> SeqState, what the cache being simulated holds instead of the
-        captured rows (alignment.CacheSim.stock); the references are scored on it."""
+        captured rows (alignment.CacheSim.stock); the references are scored on it. layer_groups:
+        the model's KV caches' layers (ModelInfo.cache_layers(); needed for sliding-window models)."""
         self.llm = llm
         self.context = list(context)
         self.continuations = {"next": list(scored), **{k: list(v) for k, v in (probes or {}).items()}}
@@ -42,7 +44,7 @@ class KldScorer:
         #: seconds the context's prefill took
         self.prefill_seconds = time.perf_counter() - t0
         self.blob = _internals.seq_state(llm)
-        self.state = kvstate.parse_seq_state(self.blob)
+        self.state = kvstate.parse_seq_state(self.blob, layer_groups)
         #: the unquantized model's logits (a simulated stock cache only): what klds_added measures against
         self.exact_state, self.exact_refs, self.base = None, None, None
         if stock is not None:

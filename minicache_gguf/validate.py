@@ -10,10 +10,22 @@ from .calfile import load_calibration
 from .config import GGML_TYPES, QUANTIZED_TYPES, TYPE_BLOCKS, CalibrationError, ConfigError, MergeConfig, type_name
 from .model import ModelInfo
 
-__all__ = ["validate", "MERGEABLE_TYPES"]
+__all__ = ["validate", "sliding_window_refusal", "MERGEABLE_TYPES"]
 
 #: the KV cache types merged layers can be stored in (every KV cache type of llama.cpp's -ctk/-ctv)
 MERGEABLE_TYPES = tuple(GGML_TYPES)
+
+
+def sliding_window_refusal(info: ModelInfo) -> Optional[str]:
+    """Why a model with interleaved sliding-window layers is not merged (None for other models)."""
+    if not info.swa_layers:
+        return None
+    full = [il for il in range(info.n_layer) if il not in info.swa_layers]
+    return (f"{info.name} ({info.arch}) has interleaved sliding-window layers: {len(info.swa_layers)} of its "
+            f"{info.n_layer} layers keep a window-sized cache (swa_full=False, the default here), and the KV that "
+            f"grows with the context is its full-attention layers' ({full}), which are not adjacent: merging them "
+            "is not supported (docs/layouts.md has the measurement for Gemma 3 270M: no pair of its full-attention "
+            "layers fits the default KLD budget; `minicache-gguf analyze MODEL` measures a model's pairs)")
 
 
 def validate(cfg: MergeConfig, model_path, llama_kwargs: Optional[dict] = None) -> ModelInfo:
@@ -24,6 +36,9 @@ def validate(cfg: MergeConfig, model_path, llama_kwargs: Optional[dict] = None) 
         info = ModelInfo.of(model_path)
     except CalibrationError as e:
         raise ConfigError(f"kv_merge: {e}") from None
+    why = sliding_window_refusal(info)
+    if why:
+        raise ConfigError(f"kv_merge: {why}")
     if cfg.paper or cfg.start_layer is not None:
         try:
             cfg.resolve_start(info.n_layer)

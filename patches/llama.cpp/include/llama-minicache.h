@@ -103,7 +103,8 @@ extern "C" {
     // not be called while another thread uses ctx
 
     // layout and fill of ctx's KV cache (merged or not: start_layer = -1 when nothing is merged);
-    // false if ctx's memory is not a KV cache
+    // false if ctx's memory is not a KV cache. An iSWA cache (interleaved sliding-window layers):
+    // the full-attention layers' cache, with kv_bytes and kv_bytes_dense adding the sliding-window one's
     LLAMA_API bool llama_minicache_get_stats(const struct llama_context * ctx, struct llama_minicache_stats * out);
 
     // the merged pools of ctx's KV cache (r is set to NULL): fills up to n_max, returns how many there are

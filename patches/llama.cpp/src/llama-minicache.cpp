@@ -9,6 +9,7 @@
 #include "llama-hparams.h"
 #include "llama-impl.h"
 #include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
 #include "llama-kv-cells.h"
 #include "llama-model.h"
 
@@ -338,8 +339,20 @@ const char * llama_minicache_last_error(void) {
     return g_last_error.c_str();
 }
 
+// the bytes of every buffer of a KV cache
+static int64_t kv_buffer_bytes(const llama_kv_cache & kv) {
+    int64_t total = 0;
+    for (const auto & [_, size] : kv.memory_breakdown()) {
+        total += size;
+    }
+    return total;
+}
+
 bool llama_minicache_get_stats(const llama_context * ctx, llama_minicache_stats * out) {
-    auto * kv = kv_of(ctx);
+    // an iSWA cache (interleaved sliding-window models): the full-attention layers' cache, plus the
+    // bytes of the sliding-window layers' cache (merging does not apply to it)
+    const auto * iswa = ctx ? dynamic_cast<const llama_kv_cache_iswa *>(ctx->get_memory()) : nullptr;
+    auto * kv = iswa ? iswa->get_base() : kv_of(ctx);
     if (!kv || !out) {
         return false;
     }
@@ -353,13 +366,13 @@ bool llama_minicache_get_stats(const llama_context * ctx, llama_minicache_stats 
         out->start_layer = -1;
         out->kv_size     = kv->get_size();
     }
-    int64_t total = 0;
-    for (const auto & [_, size] : kv->memory_breakdown()) {
-        total += size;
-    }
-    out->kv_bytes       = total;
+    out->kv_bytes       = kv_buffer_bytes(*kv);
     out->kv_bytes_dense = kv->size_dense_bytes();
     out->n_cells_used   = kv->get_cells(0).get_used();
+    if (iswa) {
+        out->kv_bytes       += kv_buffer_bytes(*iswa->get_swa());
+        out->kv_bytes_dense += iswa->get_swa()->size_dense_bytes();
+    }
     return true;
 }
 
