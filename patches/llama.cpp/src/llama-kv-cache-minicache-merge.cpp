@@ -519,10 +519,6 @@ void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merg
     }
     n_staged_cur -= (uint32_t) n;
     n_merged_cur += (uint32_t) n;
-
-    for (auto & p : pools) {
-        retain(p);
-    }
 }
 
 void llama_kv_minicache::flush() {

@@ -152,7 +152,7 @@ static constexpr uint32_t MC_STATE_VERSION = 7;
 static constexpr size_t MC_LAYOUT_HEAD = 10;
 
 std::vector<int32_t> llama_kv_minicache::layout_desc() const {
-    std::vector<int32_t> res = { params.retention, params.window, (int32_t) kv_size, (int32_t) n_stage, (int32_t) n_retain_max,
+    std::vector<int32_t> res = { params.retention, params.window, (int32_t) kv_size, (int32_t) n_stage_all, (int32_t) n_retain_max,
         (int32_t) type_k, (int32_t) type_v, (int32_t) n_attn_rot[KIND_K], (int32_t) n_attn_rot[KIND_V], (int32_t) pools.size() };
     for (const auto & p : pools) {
         res.push_back(p.kind);
@@ -321,8 +321,8 @@ void llama_kv_minicache::state_read_cells(llama_io_read_i & io, const std::vecto
             throw std::runtime_error(format("MiniCache state: cell %u appears twice", c));
         }
         if (st == LLAMA_MINICACHE_CELL_STAGED) {
-            if (n_staged_cur >= n_stage) {
-                throw std::runtime_error(format("MiniCache state: more staged tokens than the staging pool holds (%u)", n_stage));
+            if (n_staged_cur >= n_stage_all) {
+                throw std::runtime_error(format("MiniCache state: more staged tokens than the staging pool holds (%u)", n_stage_all));
             }
             staged[c] = 1;
             n_staged_cur++;
@@ -527,9 +527,10 @@ std::string llama_kv_minicache::describe() const {
             list += format(" %c%d-%d", p.kind == KIND_K ? 'K' : 'V', p.il[0], p.il[1]);
         }
     }
+    const std::string seqs = n_seq > 1 ? format(" for %u sequences", n_seq) : "";
     return format("MiniCache: %s, t = %.2f, gamma = %.3f (%s), "
-            "%u exact slots per layer (%u staging, window %d; %u retention)",
+            "%u exact slots per layer (%u staging, window %d%s; %u retention)",
             list.c_str(), params.t, params.gamma,
             params.retention == LLAMA_MINICACHE_RETAIN_TOPK ? "top-k" : "threshold",
-            n_slots, n_stage, params.window, n_retain_max);
+            n_slots, n_stage_all, params.window, seqs.c_str(), n_retain_max);
 }

@@ -6,6 +6,7 @@
 #include "llama-kv-cache-minicache.h"
 #include "llama-kv-cache-minicache-impl.h"
 
+#include "llama-batch.h"
 #include "llama-hparams.h"
 #include "llama-impl.h"
 #include "llama-kv-cells.h"
@@ -17,6 +18,7 @@
 #endif
 
 #include <algorithm>
+#include <map>
 #include <cmath>
 #include <cstdlib>
 #include <stdexcept>
@@ -109,7 +111,8 @@ llama_kv_minicache::llama_kv_minicache(
         ggml_type type_k,
         ggml_type type_v,
         uint32_t kv_size,
-        bool v_trans) :
+        bool v_trans,
+        uint32_t n_seq_max) :
     hparams(hparams), params(config.params), specs(config.pairs), type_k(type_k), type_v(type_v), kv_size(kv_size), v_trans(v_trans) {
     const std::string err = mc_check_params(params);
     if (!err.empty()) {
@@ -170,10 +173,13 @@ llama_kv_minicache::llama_kv_minicache(
         }
     }
 
-    // a ubatch never holds more tokens than the cache has cells
+    // a ubatch never holds more tokens than the cache has cells. Each sequence keeps its own window;
+    // the sequences' retained tokens share one pool (the sum of their ceil(gamma * merged) counts)
+    n_seq        = std::max<uint32_t>(1, n_seq_max);
     n_stage      = std::min<uint32_t>(std::max(params.window, params.n_ubatch), kv_size);
-    n_retain_max = std::min<uint32_t>(mc_retain_count(kv_size, params.gamma), kv_size);
-    n_slots      = n_stage + n_retain_max;
+    n_stage_all  = (uint32_t) std::min<uint64_t>((uint64_t) n_seq*n_stage, kv_size);
+    n_retain_max = std::min<uint32_t>(mc_retain_count(kv_size, params.gamma) + n_seq - 1, kv_size);
+    n_slots      = n_stage_all + n_retain_max;
 
     // the row past the slots stays zero: cells without a slot gather row n_slots
     n_rows       = n_slots + 1;
@@ -525,7 +531,7 @@ void llama_kv_minicache::forget_freed(const llama_kv_cells & cells) {
     flush();
 }
 
-void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector<uint32_t> & new_cells) {
+void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector<uint32_t> & new_cells, const llama_ubatch & ubatch) {
     // cells freed since the last ubatch (seq_rm, clear, ...) give their slots back
     release_freed(cells);
 
@@ -534,26 +540,58 @@ void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector
     }
 
     const uint32_t n_new = (uint32_t) new_cells.size();
-    if (n_new > n_stage) {
-        throw std::runtime_error(format("a ubatch of %u tokens exceeds the staging pool (%u)", n_new, n_stage));
+    if (n_new > n_stage_all) {
+        throw std::runtime_error(format("a ubatch of %u tokens exceeds the staging pool (%u)", n_new, n_stage_all));
     }
 
-    // tokens leaving the window, and enough of the oldest to make room for the new ones
-    const int64_t n_over_window = (int64_t) n_staged_cur - params.window;
-    const int64_t n_over_pool   = (int64_t) n_staged_cur + n_new - n_stage;
-    const int64_t n_merge       = std::max<int64_t>({ 0, n_over_window, n_over_pool });
+    // the ubatch's sequences and their new tokens (a token of several sequences counts in each)
+    std::map<llama_seq_id, uint32_t> n_new_of;
+    for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+        for (int32_t j = 0; j < ubatch.n_seq_id[i]; ++j) {
+            n_new_of[ubatch.seq_id[i][j]]++;
+        }
+    }
 
-    if (n_merge > 0) {
+    // per sequence that receives tokens: its tokens leaving its window, and enough of its oldest to
+    // make room for the new ones (a single sequence's rule, applied to each sequence on its own)
+    std::vector<uint32_t>     to_merge;
+    std::vector<uint8_t>      chosen(kv_size, 0);
+    std::vector<llama_seq_id> stepped;
+    for (const auto & [seq_id, n_seq_new] : n_new_of) {
+        if (n_seq_new > n_stage) {
+            throw std::runtime_error(format("a ubatch of %u tokens of sequence %d exceeds its staging pool (%u)",
+                    n_seq_new, seq_id, n_stage));
+        }
         std::vector<uint32_t> order;
-        order.reserve(n_staged_cur);
         for (uint32_t c = 0; c < kv_size; ++c) {
-            if (staged[c]) {
+            if (staged[c] && cells.seq_has(c, seq_id)) {
                 order.push_back(c);
             }
         }
+        const int64_t n_staged      = (int64_t) order.size();
+        const int64_t n_over_window = n_staged - params.window;
+        const int64_t n_over_pool   = n_staged + n_seq_new - n_stage;
+        const int64_t n_merge       = std::max<int64_t>({ 0, n_over_window, n_over_pool });
+        if (n_merge == 0) {
+            continue;
+        }
         std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return stage_seq[a] < stage_seq[b]; });
-        order.resize(n_merge);
-        merge_cells(order);
+        for (int64_t i = 0; i < n_merge; ++i) {
+            if (!chosen[order[i]]) {
+                chosen[order[i]] = 1;
+                to_merge.push_back(order[i]);
+            }
+        }
+        stepped.push_back(seq_id);
+    }
+
+    if (!to_merge.empty()) {
+        merge_cells(to_merge);
+        for (llama_seq_id seq_id : stepped) {
+            for (auto & p : pools) {
+                retain(p, cells, seq_id);
+            }
+        }
     }
 
     for (const auto & p : pools) {
@@ -576,32 +614,42 @@ void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector
     flush();
 }
 
-void llama_kv_minicache::retain(pool & p) {
-    // candidates: every merged cell that owns a slot, i.e. the retained ones and the newly merged
-    // ones (marked merged already, still in their staging slot)
+void llama_kv_minicache::retain(pool & p, const llama_kv_cells & cells, llama_seq_id seq_id) {
+    // candidates: every merged cell of the sequence that owns a slot, i.e. its retained ones and its
+    // newly merged ones (marked merged already, still in their staging slot). Retained cells of other
+    // sequences keep their slots
     std::vector<uint32_t> cand;
+    uint32_t n_other = 0;
     for (uint32_t s = 0; s < n_slots; ++s) {
         const int32_t c = p.cell_of_slot[s];
         if (c >= 0 && merged[c]) {
-            cand.push_back(c);
+            if (cells.seq_has(c, seq_id)) {
+                cand.push_back(c);
+            } else {
+                n_other++;
+            }
+        }
+    }
+    const uint32_t n_free = n_retain_max > n_other ? n_retain_max - n_other : 0;
+
+    uint32_t n_merged_seq = 0;
+    float dmin = INFINITY, dmax = -INFINITY;
+    for (uint32_t c = 0; c < kv_size; ++c) {
+        if (merged[c] && cells.seq_has(c, seq_id)) {
+            n_merged_seq++;
+            dmin = std::min(dmin, p.dist[c]);
+            dmax = std::max(dmax, p.dist[c]);
         }
     }
 
     uint32_t k = 0;
     if (params.retention == LLAMA_MINICACHE_RETAIN_TOPK) {
-        k = std::min(mc_retain_count(n_merged_cur, params.gamma), n_retain_max);
+        k = std::min(mc_retain_count(n_merged_seq, params.gamma), n_free);
     } else {
-        // the paper's Eq. 4 over every merged token of this pool, bounded by the pool capacity
-        float dmin = INFINITY, dmax = -INFINITY;
-        for (uint32_t c = 0; c < kv_size; ++c) {
-            if (merged[c]) {
-                dmin = std::min(dmin, p.dist[c]);
-                dmax = std::max(dmax, p.dist[c]);
-            }
-        }
+        // the paper's Eq. 4 over every merged token of the sequence in this pool, bounded by the pool capacity
         const double thr = dmin + (double) (dmax - dmin)*(1.0 - (double) params.gamma);
         k = std::min<uint32_t>((uint32_t) std::count_if(cand.begin(), cand.end(),
-                [&](uint32_t c) { return (double) p.dist[c] > thr; }), n_retain_max);
+                [&](uint32_t c) { return (double) p.dist[c] > thr; }), n_free);
     }
 
     // most distinct first; ties: the older token first (token order, as the reference)

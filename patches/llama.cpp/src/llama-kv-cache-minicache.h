@@ -47,6 +47,7 @@
 struct llama_hparams;
 struct llama_memory_i;
 class llama_kv_cells;
+struct llama_ubatch;
 class llama_io_write_i;
 class llama_io_read_i;
 
@@ -100,7 +101,8 @@ public:
                       ggml_type   type_k,
                       ggml_type   type_v,
                        uint32_t   kv_size,
-                           bool   v_trans);
+                           bool   v_trans,
+                       uint32_t   n_seq_max);
     ~llama_kv_minicache();
 
     llama_kv_minicache(const llama_kv_minicache &) = delete;
@@ -137,7 +139,8 @@ public:
     void set_attn_rot(bool rot_k, bool rot_v, uint32_t n_embd_head_k_all,
             const std::unordered_map<int64_t, std::vector<float>> & hadamard);
 
-    uint32_t get_n_stage() const { return n_stage; }
+    // staging slots of all sequences together: the most tokens one ubatch may place
+    uint32_t get_n_stage() const { return n_stage_all; }
 
     // merged storage of one kind, and what the same layers would take dense
     size_t size_bytes (int kind) const;
@@ -170,8 +173,9 @@ public:
     // host side, before a ubatch is placed (the previous graph has completed)
     //
 
-    // forget cells that were freed, merge the tokens leaving the staging window, give the new cells slots
-    void prepare(const llama_kv_cells & cells, const std::vector<uint32_t> & new_cells);
+    // forget cells that were freed, merge the tokens leaving the staging window of each sequence of the
+    // ubatch, give the new cells (new_cells[i]: the cell of the ubatch's token i) slots
+    void prepare(const llama_kv_cells & cells, const std::vector<uint32_t> & new_cells, const llama_ubatch & ubatch);
 
     // forget cells that were freed (seq_rm, ...): their slots return to the pools
     void forget_freed(const llama_kv_cells & cells);
@@ -266,9 +270,11 @@ private:
 
     int32_t  start_layer  = 0;
     int32_t  n_pairs      = 0;
-    uint32_t n_stage      = 0; // staging capacity: max(window, n_ubatch)
-    uint32_t n_retain_max = 0; // retention capacity: ceil(gamma * kv_size)
-    uint32_t n_slots      = 0; // n_stage + n_retain_max
+    uint32_t n_seq        = 1; // sequences the cache holds (n_seq_max; one unified stream)
+    uint32_t n_stage      = 0; // staging capacity of one sequence: max(window, n_ubatch)
+    uint32_t n_stage_all  = 0; // of all sequences: min(n_seq * n_stage, kv_size)
+    uint32_t n_retain_max = 0; // retention capacity: ceil(gamma * kv_size) + n_seq - 1 (each sequence's ceil)
+    uint32_t n_slots      = 0; // n_stage_all + n_retain_max
     uint32_t n_rows       = 0; // rows of the exact-slot tensors: n_slots + 1 (a zero row)
 
     std::vector<pool>    pools;
@@ -378,8 +384,8 @@ private:
     // restored merged part of layer a of an aligned pool: cur [n_embd, n] * R^T, in F32
     ggml_tensor * unrotate(ggml_context * ctx, const pool & p, ggml_tensor * cur) const;
     std::vector<int32_t> layout_desc() const;
-    // keep the most distinct merged cells of a pool in their slots, demote the others
-    void retain(pool & p);
+    // keep the most distinct merged cells of sequence seq_id in a pool's slots, demote its others
+    void retain(pool & p, const llama_kv_cells & cells, llama_seq_id seq_id);
 };
 
 // llama_model::create_memory() takes the params armed on this thread (llama_minicache_set_pending)

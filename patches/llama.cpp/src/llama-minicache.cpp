@@ -143,22 +143,23 @@ std::unique_ptr<llama_kv_minicache> llama_kv_cache::minicache_init(ggml_type typ
         if (!plain) {
             throw std::runtime_error("only a plain KV cache can be merged (not a shared, filtered, reused or SWA cache)");
         }
-        if (n_stream > 1 || n_seq_max > 1) {
-            throw std::runtime_error(format("n_seq_max=%u is not supported: MiniCache merges single-sequence caches (n_seq_max = 1)", n_seq_max));
+        if (n_stream > 1) {
+            throw std::runtime_error(format("n_seq_max=%u with one KV stream per sequence is not supported: MiniCache merges "
+                    "a unified KV cache (kv_unified = true)", n_seq_max));
         }
-        return std::make_unique<llama_kv_minicache>(hparams, config, type_k, type_v, kv_size, v_trans);
+        return std::make_unique<llama_kv_minicache>(hparams, config, type_k, type_v, kv_size, v_trans, n_seq_max);
     } catch (const std::exception & e) {
         llama_minicache_set_error(e.what());
         throw std::runtime_error(std::string("MiniCache: ") + e.what());
     }
 }
 
-bool llama_kv_cache::minicache_prepare(const slot_info & sinfo) {
+bool llama_kv_cache::minicache_prepare(const slot_info & sinfo, const llama_ubatch & ubatch) {
     if (!mc) {
         return true;
     }
     try {
-        mc->prepare(v_cells[sinfo.strm[0]], sinfo.idxs[0]);
+        mc->prepare(v_cells[sinfo.strm[0]], sinfo.idxs[0], ubatch);
         return true;
     } catch (const std::exception & e) {
         llama_minicache_set_error(e.what());

@@ -1,0 +1,265 @@
+"""Several sequences in one merged cache (n_seq_max > 1, llama.cpp's unified KV cache). Each
+sequence keeps its own window and its own retention (the single-sequence rule applied to each
+sequence when it receives tokens), so a batched run — prompts chunked and mixed in ubatches as a
+server does, then all sequences decoding together — gives each sequence the merged cells, exact
+rows and logits a run of that sequence alone gives. The default model with its shipped selection,
+through llama.cpp's C API (llama-cpp-python's Llama runs one sequence)."""
+
+import ctypes
+import struct
+
+import numpy as np
+import pytest
+
+import mcstate
+from minicache_gguf import MergeConfig, _internals, corpus
+from minicache_gguf.calibrate import pairs_for
+from minicache_gguf.config import GGML_TYPES
+
+llama_cpp = _internals.llama_cpp
+
+W, GAMMA, N_UBATCH = 32, 0.1, 32
+LENS = (150, 97, 121)
+N_DECODE = 24
+# the prompt schedule: batches of (sequence, tokens); a batch holds at most N_UBATCH tokens
+SCHEDULE = [[(0, 16), (1, 16)], [(2, 32)], [(0, 32)], [(1, 20), (2, 12)], [(0, 30)], [(1, 32)], [(2, 32)],
+            [(0, 32)], [(1, 29)], [(2, 32)], [(0, 40 - 32)], [(2, 13)], [(0, 32)]]
+
+
+def _check_schedule():
+    got = [0, 0, 0]
+    for b in SCHEDULE:
+        assert sum(n for _, n in b) <= N_UBATCH
+        for s, n in b:
+            got[s] += n
+    assert tuple(got) == LENS, got
+
+
+_check_schedule()
+
+
+class Ctx:
+    """A context on the patched engine made through the C API, merged when params are given."""
+
+    def __init__(self, model, n_ctx, n_seq, type_name, flash, params=None):
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, N_UBATCH, N_UBATCH, n_seq
+        cp.kv_unified = True
+        cp.type_k = cp.type_v = GGML_TYPES[type_name]
+        cp.flash_attn_type = 1 if flash else 0
+        cp.n_threads = cp.n_threads_batch = 2
+        if params is not None:
+            _internals.set_pending(params)
+        try:
+            self.ctx = llama_cpp.llama_init_from_model(model, cp)
+        finally:
+            _internals.set_pending(None)
+        assert self.ctx, _internals.last_error()
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+        self.batch = llama_cpp.llama_batch_init(N_UBATCH, 0, n_seq)
+
+    def decode(self, items):
+        """items: (token, pos, seq); returns each item's logits."""
+        b = self.batch
+        b.n_tokens = len(items)
+        for i, (t, p, s) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, p, 1, 1
+            b.seq_id[i][0] = s
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        assert rc == 0, (rc, _internals.last_error())
+        return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,)).copy()
+                for i in range(len(items))]
+
+    def state(self, seq):
+        n = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * n)()
+        assert llama_cpp.llama_state_seq_get_data(self.ctx, buf, n, seq) == n
+        return bytes(buf)
+
+    def close(self):
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+
+
+def _positions(blob):
+    """The cells' positions of a per-sequence state blob (its stock header)."""
+    magic, _seq, n_stream, n = struct.unpack_from("<IiII", blob, 0)
+    assert n_stream == 1
+    off, pos = 16, []
+    for _ in range(n):
+        p, k = struct.unpack_from("<iI", blob, off)
+        pos.append(p)
+        off += 8 + 4 * k
+    return pos
+
+
+def _cells_by_pos(blob, row):
+    st = mcstate.parse(blob, row)
+    return dict(zip(_positions(blob), st.cells))
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    mp = llama_cpp.llama_model_default_params()
+    m = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mp)
+    assert m
+    yield m
+    llama_cpp.llama_model_free(m)
+
+
+@pytest.fixture(scope="module")
+def texts(model):
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    text = corpus.builtin_text("eval").encode()[:20000]
+    buf = (llama_cpp.llama_token * 8192)()
+    n = llama_cpp.llama_tokenize(vocab, text, len(text), buf, 8192, False, False)
+    toks = list(buf[:n])
+    need = max(LENS) + N_DECODE
+    return [toks[i * 400:i * 400 + need] for i in range(len(LENS))]
+
+
+def _params(model_path, type_name):
+    pairs, _ = pairs_for(MergeConfig(), model_path, type_name, type_name, progress=False)
+    return _internals.params_from_config(MergeConfig(window=W, gamma=GAMMA), N_UBATCH, pairs)
+
+
+def _run(model, texts, n_ctx, seqs, type_name, flash, params):
+    """The schedule restricted to `seqs` (each as sequence id seqs.index(s) when alone), then the
+    decoding steps of all of them together: {seq: [logits of each decoded token]}, and the context."""
+    ctx = Ctx(model, n_ctx, len(seqs), type_name, flash, params)
+    sid = {s: i for i, s in enumerate(seqs)}
+    done = {s: 0 for s in seqs}
+    for b in SCHEDULE:
+        items = []
+        for s, n in b:
+            if s in sid:
+                items += [(texts[s][p], p, sid[s]) for p in range(done[s], done[s] + n)]
+                done[s] += n
+        if items:
+            ctx.decode(items)
+    out = {s: [] for s in seqs}
+    for k in range(N_DECODE):
+        items = [(texts[s][LENS[s] + k], LENS[s] + k, sid[s]) for s in seqs]
+        for s, lg in zip(seqs, ctx.decode(items)):
+            out[s].append(lg)
+    return out, ctx
+
+
+CASES = {"f16": "f16", "q4_0": "q4_0"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_batched_sequences_equal_each_sequence_alone(model, model_path, texts, case, monkeypatch):
+    """Decoding restores the merged K/V (LLAMA_MINICACHE_RESTORE=1) and attends with llama.cpp's flash
+    attention, which skips other sequences' cells: then every merged cell, exact row and logit of a
+    sequence in the batched run is the one of that sequence alone, bit for bit."""
+    monkeypatch.setenv("LLAMA_MINICACHE_RESTORE", "1")
+    type_name = CASES[case]
+    row = 192 * 2 if type_name == "f16" else 192 // 32 * 18
+    batched, ctx = _run(model, texts, 1024, [0, 1, 2], type_name, True, _params(model_path, type_name))
+    try:
+        states = [ctx.state(s) for s in range(3)]
+    finally:
+        ctx.close()
+    for s in range(3):
+        alone, actx = _run(model, texts, 512, [s], type_name, True, _params(model_path, type_name))
+        try:
+            st_alone = actx.state(0)
+        finally:
+            actx.close()
+        # the merge's bookkeeping: every position in the same state (staged, merged, retained), the same
+        # distances, norms, exact rows and directions
+        got, want = _cells_by_pos(states[s], row), _cells_by_pos(st_alone, row)
+        assert sorted(got) == sorted(want) == list(range(LENS[s] + N_DECODE))
+        n_merged = n_retained = 0
+        for p in want:
+            a, b = got[p], want[p]
+            assert a.state == b.state, (s, p)
+            n_merged += a.state == mcstate.MERGED
+            for pa, pb in zip(a.pools, b.pools):
+                assert (pa.slot >= 0) == (pb.slot >= 0), (s, p)
+                n_retained += a.state == mcstate.MERGED and pa.slot >= 0
+                assert (pa.dist, pa.norms, pa.dir, pa.rows) == (pb.dist, pb.norms, pb.dir, pb.rows), (s, p)
+        assert n_merged >= LENS[s] + N_DECODE - W - N_UBATCH and n_retained > 0
+        for k in range(N_DECODE):
+            assert np.array_equal(batched[s][k], alone[s][k]), (s, k)
+
+
+def test_batched_decoding_folds_within_llama_cpps_own_batching_noise(model, model_path, texts):
+    """Decoding steps fold the norms into an attention over every cell (other sequences' masked):
+    its sums run over another cell layout than a sequence alone, as llama.cpp's own attention does
+    with flash attention off. Each sequence's KLD against its run alone stays within twice what the
+    stock cache's batched run shows against its single runs (flash attention off), or 1e-3."""
+    from minicache_gguf.metrics import kld_per_token
+
+    params = _params(model_path, "f16")
+    merged, ctx = _run(model, texts, 1024, [0, 1, 2], "f16", True, params)
+    ctx.close()
+    stock, ctx = _run(model, texts, 1024, [0, 1, 2], "f16", False, None)
+    ctx.close()
+    for s in range(3):
+        alone, ctx = _run(model, texts, 512, [s], "f16", True, params)
+        ctx.close()
+        stock_alone, ctx = _run(model, texts, 512, [s], "f16", False, None)
+        ctx.close()
+        kl = kld_per_token(np.array(alone[s]), np.array(merged[s]))
+        kl_stock = kld_per_token(np.array(stock_alone[s]), np.array(stock[s]))
+        assert kl.mean() <= max(2 * kl_stock.mean(), 1e-3), (s, kl.mean(), kl_stock.mean())
+        agree = np.mean([a.argmax() == b.argmax() for a, b in zip(alone[s], merged[s])])
+        assert agree >= 0.9, (s, agree)
+
+
+def _rm_then_decode(model, texts, params):
+    """The three sequences' schedule, sequence 1 removed, one more token of 0 and 2 decoded together;
+    then sequence 2 copied into 1 and one token decoded in both: (their logits, the copy's)."""
+    _, ctx = _run(model, texts, 1024, [0, 1, 2], "f16", True, params)
+    try:
+        mem = llama_cpp.llama_get_memory(ctx.ctx)
+        assert llama_cpp.llama_memory_seq_rm(mem, 1, -1, -1)
+        assert llama_cpp.llama_memory_seq_pos_max(mem, 1) == -1
+        nxt = {s: LENS[s] + N_DECODE for s in (0, 2)}
+        after = ctx.decode([(texts[0][nxt[0] - 1], nxt[0], 0), (texts[2][nxt[2] - 1], nxt[2], 2)])
+        llama_cpp.llama_memory_seq_cp(mem, 2, 1, -1, -1)
+        p = nxt[2] + 1
+        return after, ctx.decode([(texts[2][3], p, 2), (texts[2][3], p, 1)])
+    finally:
+        ctx.close()
+
+
+def _alone_then_decode(model, texts, s, params):
+    _, ctx = _run(model, texts, 512, [s], "f16", True, params)
+    try:
+        nxt = LENS[s] + N_DECODE
+        return ctx.decode([(texts[s][nxt - 1], nxt, 0)])[0]
+    finally:
+        ctx.close()
+
+
+def test_removing_and_copying_sequences(model, model_path, texts, monkeypatch):
+    """seq_rm of a whole sequence gives its cells and slots back and the others continue as if alone;
+    seq_cp shares cells (merged, retained and staged) with another sequence, which decodes from them.
+    Merged K/V restored for decoding (as in the first test); the new tokens land in the freed cells, so
+    the attention visits cells in another order than alone: the stock cache, run the same way, bounds
+    the difference."""
+    monkeypatch.setenv("LLAMA_MINICACHE_RESTORE", "1")
+    params = _params(model_path, "f16")
+    after, two = _rm_then_decode(model, texts, params)
+    stock_after, _ = _rm_then_decode(model, texts, None)
+    assert np.array_equal(two[0], two[1])
+    for i, s in enumerate((0, 2)):
+        d = np.abs(after[i] - _alone_then_decode(model, texts, s, params)).max()
+        d_stock = np.abs(stock_after[i] - _alone_then_decode(model, texts, s, None)).max()
+        assert d <= max(2 * d_stock, 1e-5), (s, d, d_stock)
+
+
+def test_a_stream_per_sequence_is_refused(model, model_path):
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = 1024, 32, 32, 2, False
+    _internals.set_pending(_params(model_path, "f16"))
+    try:
+        ctx = llama_cpp.llama_init_from_model(model, cp)
+        why = _internals.last_error()
+    finally:
+        _internals.set_pending(None)
+    assert not ctx
+    assert "kv_unified" in why
