@@ -34,6 +34,7 @@ SLOW = (
     "tests/test_chat.py",  # its module fixture calibrates
     "tests/test_inert.py",
     "tests/test_iswa.py",  # its module fixture fetches Gemma 3 270M (250 MB) on a fresh machine
+    "tests/test_multiseq.py",
     "tests/test_install.py",
     "tests/test_bench.py::test_bench_small_run",
     "tests/test_calibration.py::test_auto_calibration_is_rescored_and_cached_per_model",
