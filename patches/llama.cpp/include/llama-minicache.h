@@ -11,6 +11,9 @@
 // norm * dir * R^T. Decoding folds R into the query (K) and into the attention output (V), so a
 // decoded token never rotates the cached rows.
 //
+// Several sequences (n_seq_max > 1) need a unified KV cache (kv_unified = true): each sequence keeps
+// its own staging window and retention, applied when it receives tokens.
+//
 // Configuration does not go through llama_context_params (bindings mirror that struct by value):
 // llama_minicache_set_pending() arms the next llama_init_from_model() call on this thread.
 

@@ -18,9 +18,9 @@
 #endif
 
 #include <algorithm>
-#include <map>
 #include <cmath>
 #include <cstdlib>
+#include <map>
 #include <stdexcept>
 
 static uint64_t fnv1a(const void * data, size_t n, uint64_t h = 0xcbf29ce484222325ull) {
