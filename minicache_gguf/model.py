@@ -249,30 +249,33 @@ def gguf_metadata(path) -> dict:
 
 _INFO: dict = {}
 
-#: llama.cpp's sliding-window layer pattern per architecture when the GGUF has no
-#: `<arch>.attention.sliding_window_pattern` (src/models/<arch>.cpp: load_swa_pattern(ml, n)): every
-#: n-th layer (il % n == n - 1) has full attention, the others a sliding window
-SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma-embedding": 6, "cohere2": 4}
+#: the architectures llama.cpp gives an interleaved sliding-window (iSWA) cache, with the layer
+#: pattern it uses when the GGUF has no `<arch>.attention.sliding_window_pattern`
+#: (src/models/<arch>.cpp: load_swa_pattern(ml, n)): every n-th layer (il % n == n - 1) has full
+#: attention, the others a sliding window. Other architectures' sliding-window keys are not an iSWA
+#: cache here (llama.cpp's phi3 loader, for one, ignores `phi3.attention.sliding_window`)
+SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma-embedding": 6, "cohere2": 4, "exaone4": 4, "gpt-oss": 2}
+#: a sliding window llama.cpp assumes when the GGUF has none
+SWA_DEFAULT = {"gemma2": 4096}
 
 
 def _swa_layers(meta: dict, arch: str, n_layer: int, model_path) -> tuple:
     """The sliding-window layers llama.cpp gives this model (llama_hparams::is_swa), from the
     GGUF's sliding window and pattern keys and the architecture's default pattern."""
-    n_swa = meta.get(f"{arch}.attention.sliding_window")
+    if arch not in SWA_PATTERN:
+        return ()
+    n_swa = meta.get(f"{arch}.attention.sliding_window", SWA_DEFAULT.get(arch))
     if not (isinstance(n_swa, int) and n_swa > 0):
         return ()
-    pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", SWA_PATTERN[arch])
     if isinstance(pattern, list):
         if len(pattern) < n_layer:
             raise CalibrationError(f"{model_path}: {arch}.attention.sliding_window_pattern lists {len(pattern)} "
                                    f"layers, the model has {n_layer}")
         return tuple(il for il in range(n_layer) if pattern[il])
-    if pattern is None:
-        pattern = SWA_PATTERN.get(arch)
     if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern < 0:
-        raise CalibrationError(f"{model_path}: {arch} has a sliding window ({n_swa}) but no layer pattern this tool "
-                               f"knows: expected {arch}.attention.sliding_window_pattern in the GGUF, or one of "
-                               f"{', '.join(sorted(SWA_PATTERN))}")
+        raise CalibrationError(f"{model_path}: {arch}.attention.sliding_window_pattern={pattern!r} is not valid: "
+                               "expected a layer period or one flag per layer")
     return tuple(il for il in range(n_layer) if pattern == 0 or il % pattern < pattern - 1)
 
 

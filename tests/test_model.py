@@ -40,3 +40,21 @@ def test_tampered_or_missing_model_is_never_used(tmp_path, monkeypatch, model_pa
         f.write(byte)
     assert model.default_model_path(fetch=False, progress=False) == bad
     assert bad.with_name(bad.name + ".verified").is_file()
+
+
+def test_sliding_window_layers_follow_llama_cpps_loaders():
+    """Which layers get llama.cpp's window-sized cache: the architectures whose loader builds an iSWA
+    cache, with their default pattern or the GGUF's; a sliding-window key llama.cpp ignores (phi3)
+    makes none."""
+    from minicache_gguf.config import CalibrationError
+    from minicache_gguf.model import _swa_layers
+
+    assert _swa_layers({"gemma3.attention.sliding_window": 512}, "gemma3", 12, "m") == (0, 1, 2, 3, 4, 6, 7, 8, 9, 10)
+    assert _swa_layers({}, "gemma2", 4, "m") == (0, 2)  # llama.cpp's gemma2 window without the key: 4096
+    assert _swa_layers({"phi3.attention.sliding_window": 2047}, "phi3", 4, "m") == ()
+    assert _swa_layers({}, "llama", 4, "m") == ()
+    assert _swa_layers({"gemma3.attention.sliding_window": 0}, "gemma3", 4, "m") == ()
+    flags = {"cohere2.attention.sliding_window": 4096, "cohere2.attention.sliding_window_pattern": [True, False, True, True]}
+    assert _swa_layers(flags, "cohere2", 4, "m") == (0, 2, 3)
+    with pytest.raises(CalibrationError, match="lists 2 layers"):
+        _swa_layers({**flags, "cohere2.attention.sliding_window_pattern": [True, False]}, "cohere2", 4, "m")

@@ -587,9 +587,16 @@ void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector
 
     if (!to_merge.empty()) {
         merge_cells(to_merge);
+        // chosen: merged in this step and not through their sequence's retention yet (they hold
+        // staging slots, not retention slots)
         for (llama_seq_id seq_id : stepped) {
             for (auto & p : pools) {
-                retain(p, cells, seq_id);
+                retain(p, cells, seq_id, chosen);
+            }
+            for (uint32_t c : to_merge) {
+                if (cells.seq_has(c, seq_id)) {
+                    chosen[c] = 0;
+                }
             }
         }
     }
@@ -614,10 +621,10 @@ void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector
     flush();
 }
 
-void llama_kv_minicache::retain(pool & p, const llama_kv_cells & cells, llama_seq_id seq_id) {
+void llama_kv_minicache::retain(pool & p, const llama_kv_cells & cells, llama_seq_id seq_id, const std::vector<uint8_t> & pending) {
     // candidates: every merged cell of the sequence that owns a slot, i.e. its retained ones and its
     // newly merged ones (marked merged already, still in their staging slot). Retained cells of other
-    // sequences keep their slots
+    // sequences keep their slots; their cells merged in this step (pending) are not retained yet
     std::vector<uint32_t> cand;
     uint32_t n_other = 0;
     for (uint32_t s = 0; s < n_slots; ++s) {
@@ -625,7 +632,7 @@ void llama_kv_minicache::retain(pool & p, const llama_kv_cells & cells, llama_se
         if (c >= 0 && merged[c]) {
             if (cells.seq_has(c, seq_id)) {
                 cand.push_back(c);
-            } else {
+            } else if (!pending[c]) {
                 n_other++;
             }
         }

@@ -384,8 +384,9 @@ private:
     // restored merged part of layer a of an aligned pool: cur [n_embd, n] * R^T, in F32
     ggml_tensor * unrotate(ggml_context * ctx, const pool & p, ggml_tensor * cur) const;
     std::vector<int32_t> layout_desc() const;
-    // keep the most distinct merged cells of sequence seq_id in a pool's slots, demote its others
-    void retain(pool & p, const llama_kv_cells & cells, llama_seq_id seq_id);
+    // keep the most distinct merged cells of sequence seq_id in a pool's slots, demote its others;
+    // pending[c]: cell c merged in this step, its sequences' retention still to run
+    void retain(pool & p, const llama_kv_cells & cells, llama_seq_id seq_id, const std::vector<uint8_t> & pending);
 };
 
 // llama_model::create_memory() takes the params armed on this thread (llama_minicache_set_pending)
