@@ -186,7 +186,8 @@ def test_batched_sequences_equal_each_sequence_alone(model, model_path, texts, c
             assert np.array_equal(batched[s][k], alone[s][k]), (s, k)
 
 
-def test_batched_decoding_folds_within_llama_cpps_own_batching_noise(model, model_path, texts):
+@pytest.mark.parametrize("flash", [True, False], ids=["flash_on", "flash_off"])
+def test_batched_decoding_folds_within_llama_cpps_own_batching_noise(model, model_path, texts, flash):
     """Decoding steps fold the norms into an attention over every cell (other sequences' masked):
     its sums run over another cell layout than a sequence alone, as llama.cpp's own attention does
     with flash attention off. Each sequence's KLD against its run alone stays within twice what the
@@ -194,12 +195,12 @@ def test_batched_decoding_folds_within_llama_cpps_own_batching_noise(model, mode
     from minicache_gguf.metrics import kld_per_token
 
     params = _params(model_path, "f16")
-    merged, ctx = _run(model, texts, 1024, [0, 1, 2], "f16", True, params)
+    merged, ctx = _run(model, texts, 1024, [0, 1, 2], "f16", flash, params)
     ctx.close()
     stock, ctx = _run(model, texts, 1024, [0, 1, 2], "f16", False, None)
     ctx.close()
     for s in range(3):
-        alone, ctx = _run(model, texts, 512, [s], "f16", True, params)
+        alone, ctx = _run(model, texts, 512, [s], "f16", flash, params)
         ctx.close()
         stock_alone, ctx = _run(model, texts, 512, [s], "f16", False, None)
         ctx.close()
