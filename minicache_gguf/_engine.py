@@ -36,6 +36,8 @@ ENGINE_MANIFEST = "engine.json"
 LIB_DIR_ENV = "MINICACHE_GGUF_LIB_DIR"
 #: llama.cpp's RPC server, installed next to the patched engine's libraries
 RPC_SERVER = "ggml-rpc-server"
+#: llama.cpp's HTTP server, built from the patched tree and installed next to its libraries
+LLAMA_SERVER = "llama-server"
 #: 1: use the CUDA flavour of the patched engine (scripts/build_engine.py --cuda)
 CUDA_ENV = "MINICACHE_GGUF_CUDA"
 CACHE_ENV = "MINICACHE_GGUF_CACHE"
@@ -113,6 +115,8 @@ def cmake_flags(variant: str, cuda: bool = False) -> list[str]:
     if variant == "patched":
         # llama.cpp's RPC backend and its server: a model (and its merged cache) across machines
         flags.append("-DGGML_RPC=ON")
+        # llama.cpp's llama-server on the patched libllama (`minicache-gguf llama-server`)
+        flags.append("-DMINICACHE_LLAMA_SERVER=ON")
     return flags
 
 

@@ -1,6 +1,6 @@
 """`minicache-gguf` command line: parses and dispatches, nothing else.
 
-Subcommands: info, model, generate, chat, serve, bench, analyze, calibrate, eval.
+Subcommands: info, model, generate, rpc-server, chat, serve, llama-server, bench, analyze, calibrate, eval.
 The merge options are derived from MergeConfig's fields (their defaults and help live there).
 Errors print as one line (exit 2 for usage, 1 otherwise); --debug shows the traceback.
 """
@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   minicache-gguf chat                            terminal chat on the default model (/? for help)
   minicache-gguf chat --calibration auto -p "Hi"   one reply with aligned merging, then exit
   minicache-gguf serve --kv_merge true --kv_calibration auto --n_ctx 8192 --port 8000
+  minicache-gguf llama-server -c 8192 -np 4 --metrics   llama.cpp's server, 4 slots, merged cache
   minicache-gguf bench --ctx 1024,4096 -o out/     KV MiB, prefill and decode tok/s per KV mode
   minicache-gguf analyze -o out/                 adjacent-layer K/V similarity: table + PNG
   minicache-gguf calibrate -o smollm2.gguf       fit rotations, select pairs under a KLD budget
@@ -199,6 +200,12 @@ def _cmd_serve(args) -> int:
     server.add_arguments(p)
     sargs = p.parse_args(args.args)
     return server.serve(sargs)
+
+
+def _cmd_llama_server(args) -> int:
+    from . import llama_server
+
+    return llama_server.main(args.args)
 
 
 def _emit(markdown: str, output, write) -> None:
@@ -407,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="server options (minicache-gguf serve --help)")
     p.set_defaults(func=_cmd_serve)
 
+    p = sub.add_parser("llama-server", help="llama.cpp's llama-server (parallel slots, /metrics) on the patched "
+                       "engine, its KV cache merged", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="options (minicache-gguf llama-server --help)")
+    p.set_defaults(func=_cmd_llama_server)
+
     p = sub.add_parser("bench", help="KV MiB, prefill and decode tok/s per KV mode and context, side by side",
                        epilog="examples:\n  minicache-gguf bench -o out/                 1k/4k/8k/16k, f16, q8_0, paper, aligned-head\n"
                               "  minicache-gguf bench --ctx 4096 --modes f16,aligned-head --reps 3 --budget-mib 32",
@@ -516,7 +528,7 @@ def main(argv=None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"minicache-gguf: warning: {msg}\n"
     ap = build_parser()
     args, unknown = ap.parse_known_args(argv)
-    if args.cmd == "serve":
+    if args.cmd in ("serve", "llama-server"):
         args.args = unknown + list(args.args or [])  # the server parser reads them
     elif unknown:
         ap.error(f"unrecognized arguments: {' '.join(unknown)}")

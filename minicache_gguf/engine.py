@@ -84,6 +84,7 @@ struct llama_minicache_stats {
 
 struct llama_minicache_params llama_minicache_default_params(void);
 bool llama_minicache_set_pending(const struct llama_minicache_params * params);
+bool llama_minicache_set_pending_file(const char * path, int32_t n_ubatch);
 const char * llama_minicache_last_error(void);
 bool llama_minicache_get_stats(const struct llama_context * ctx, struct llama_minicache_stats * out);
 int32_t llama_minicache_get_pairs(const struct llama_context * ctx, struct llama_minicache_pair * out, int32_t n_max);

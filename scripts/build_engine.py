@@ -84,9 +84,11 @@ def fetch_sdist() -> Path:
     return dest
 
 
-# what a build of libllama + libggml (CPU, CUDA, RPC) + the RPC server reads of llama.cpp: the pruned
-# source tree of --export-source (a machine without network access builds from it, see gpu_check.sh)
+# what a build of libllama + libggml (CPU, CUDA, RPC) + the RPC server + llama-server reads of llama.cpp:
+# the pruned source tree of --export-source (a machine without network access builds from it, see gpu_check.sh)
 _SOURCE_KEEP = ("CMakeLists.txt", "LICENSE", "cmake/", "include/", "src/", "vendor/", "licenses/", "tools/rpc/",
+                "common/", "tools/mtmd/", "tools/server/", "tools/ui/CMakeLists.txt", "tools/ui/ui.cpp.in",
+                "tools/ui/ui.h.in", "scripts/ui-assets.cmake",
                 "ggml/CMakeLists.txt", "ggml/LICENSE", "ggml/cmake/", "ggml/include/", "ggml/src/")
 _SOURCE_DROP_BACKENDS = ("blas", "cann", "et", "hexagon", "hip", "metal", "musa", "opencl", "openvino", "sycl",
                          "virtgpu", "vulkan", "webgpu", "zdnn", "zendnn")
@@ -94,6 +96,8 @@ _SOURCE_DROP_BACKENDS = ("blas", "cann", "et", "hexagon", "hip", "metal", "musa"
 
 def _source_kept(rel: str) -> bool:
     if not rel.startswith(_SOURCE_KEEP):
+        return False
+    if rel.startswith(("tools/server/tests/", "tools/server/bench/", "tools/server/public")):
         return False
     return not any(rel.startswith(f"ggml/src/ggml-{b}/") for b in _SOURCE_DROP_BACKENDS)
 
@@ -316,7 +320,8 @@ def install_libs(build: Path, dest_lib: Path) -> list[str]:
     dest_lib.mkdir(parents=True)
     names = []
     for p in sorted((build / "bin").iterdir()):
-        if (p.name.startswith(("libllama.so", "libggml")) and ".so" in p.name) or p.name == E.RPC_SERVER:
+        if (p.name.startswith(("libllama.so", "libllama-common.so", "libggml")) and ".so" in p.name) \
+                or p.name in (E.RPC_SERVER, E.LLAMA_SERVER):
             if p.is_symlink():
                 os.symlink(os.readlink(p), dest_lib / p.name)
             else:
@@ -336,6 +341,11 @@ def check_libs(lib: Path, variant: str) -> None:
         die("patched libllama does not export minicache_version: native core not linked")
     if variant == "stock" and has_core:
         die("stock libllama exports minicache_version: the stock build is not stock")
+    server = lib / E.LLAMA_SERVER
+    if variant == "patched" and "-DMINICACHE_LLAMA_SERVER=ON" in E.cmake_flags(variant):
+        r = subprocess.run([str(server), "--version"], capture_output=True, text=True) if server.is_file() else None
+        if r is None or r.returncode != 0:
+            die(f"{server} " + ("was not built" if r is None else f"does not run: {r.stderr.strip()[-500:]}"))
 
 
 def export_series(out: Path) -> None:

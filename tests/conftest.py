@@ -35,6 +35,9 @@ SLOW = (
     "tests/test_inert.py",
     "tests/test_iswa.py",  # its module fixture fetches Gemma 3 270M (250 MB) on a fresh machine
     "tests/test_multiseq.py",
+    "tests/test_llama_server.py::test_two_concurrent_clients_get_what_one_at_a_time_gets",
+    "tests/test_llama_server.py::test_default_server_merges_and_stock_server_reports_nothing_merged",
+    "tests/test_llama_server.py::test_a_calibration_for_another_model_is_refused_before_it_listens",
     "tests/test_install.py",
     "tests/test_bench.py::test_bench_small_run",
     "tests/test_calibration.py::test_auto_calibration_is_rescored_and_cached_per_model",

@@ -159,6 +159,7 @@ def test_exported_source_is_pruned_and_checked(tmp_path):
     import tarfile
     names = tarfile.open(out).getnames()
     assert "llama.cpp/CMakeLists.txt" in names and "llama.cpp/tools/rpc/rpc-server.cpp" in names
+    assert "llama.cpp/tools/server/server.cpp" in names and "llama.cpp/common/common.cpp" in names
     assert any(n.startswith("llama.cpp/ggml/src/ggml-cuda/") for n in names)
     assert not any(n.startswith(("llama.cpp/models/", "llama.cpp/docs/", "llama.cpp/ggml/src/ggml-vulkan/")) for n in names)
     assert out.stat().st_size < 8 * 2**20

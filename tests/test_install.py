@@ -85,3 +85,7 @@ def test_the_installed_package_says_what_it_runs(installed, tmp_path):
                            / "engine.json").read_text())
     assert manifest["upstream_sha256"] == _engine.UPSTREAM_SDIST_SHA256
     assert manifest["key"] == _engine.engine_key("patched")  # built from this tree's patches and sources
+    # llama.cpp's llama-server came with the engine and runs from inside the package
+    r = subprocess.run([str(installed / "bin" / "minicache-gguf"), "llama-server", "--help-llama-server"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "--kv-merge-params" in r.stdout + r.stderr, r.stderr[-2000:]

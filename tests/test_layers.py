@@ -18,7 +18,7 @@ RANK = {
     "calibrate": 6,
     "llama": 7,
     "analyze": 8, "bench": 8, "evaluate": 8, "generate": 8,
-    "chat": 9, "server": 9,
+    "chat": 9, "server": 9, "llama_server": 9,
     "cli": 10,
     "__init__": 11,
 }

@@ -265,3 +265,38 @@ def test_a_stream_per_sequence_is_refused(model, model_path):
         _internals.set_pending(None)
     assert not ctx
     assert "kv_unified" in why
+
+
+def _state_round_trip_then_decode(model, texts, params, reload: bool):
+    """The three sequences' schedule; with reload, sequence 1's state saved, the sequence removed and
+    its state loaded back while 0 and 2 hold their cells (as llama-server's prompt cache restores a
+    slot); then one more token of each decoded together: (logits per sequence, the loaded size)."""
+    _, ctx = _run(model, texts, 1024, [0, 1, 2], "f16", True, params)
+    try:
+        n = None
+        if reload:
+            blob = ctx.state(1)
+            mem = llama_cpp.llama_get_memory(ctx.ctx)
+            assert llama_cpp.llama_memory_seq_rm(mem, 1, -1, -1)
+            buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+            n = llama_cpp.llama_state_seq_set_data(ctx.ctx, buf, len(blob), 1)
+            if n == 0:
+                return None, _internals.last_error()
+            assert ctx.state(1) == blob  # the sequence holds what it held, slot for slot
+        nxt = {s: LENS[s] + N_DECODE for s in (0, 1, 2)}
+        return ctx.decode([(texts[s][nxt[s] - 1], nxt[s], s) for s in (0, 1, 2)]), n
+    finally:
+        ctx.close()
+
+
+def test_one_sequences_state_reloads_among_the_others(model, model_path, texts, monkeypatch):
+    """llama_state_seq_get_data / set_data of one sequence while the others keep their cells: the
+    reloaded sequence holds the same cells, slots and rows (its state bytes are equal) and every
+    sequence decodes as if nothing happened (merged K/V restored for decoding, flash attention)."""
+    monkeypatch.setenv("LLAMA_MINICACHE_RESTORE", "1")
+    params = _params(model_path, "f16")
+    want, _ = _state_round_trip_then_decode(model, texts, params, reload=False)
+    got, n = _state_round_trip_then_decode(model, texts, params, reload=True)
+    assert got is not None, f"the state of sequence 1 was refused: {n}"
+    for s in (0, 1, 2):
+        assert np.array_equal(got[s], want[s]), s

@@ -98,6 +98,13 @@ extern "C" {
     // the context consumes it. Returns false (and sets the last error) if params are invalid.
     LLAMA_API bool llama_minicache_set_pending(const struct llama_minicache_params * params);
 
+    // arm the params of a file (the tools' --kv-merge-params; written by minicache-gguf) for the next
+    // context created on this thread, with the context's n_ubatch. The file, little-endian:
+    //   char[8] "MCKVPAR1"; int32 start_layer; float t; float gamma; int32 window; int32 merge_k;
+    //   int32 merge_v; int32 retention; int32 n_pairs; n_pairs x { int32 kind, il, rot, n_r; float r[n_r] }
+    // Returns false (and sets the last error) if the file cannot be read or its params are invalid.
+    LLAMA_API bool llama_minicache_set_pending_file(const char * path, int32_t n_ubatch);
+
     // why MiniCache was refused on this thread ("" if it was not); context creation fails then
     LLAMA_API const char * llama_minicache_last_error(void);
 

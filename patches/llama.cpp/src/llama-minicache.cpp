@@ -16,7 +16,10 @@
 #include "ggml-backend.h"
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <stdexcept>
 
 //
@@ -334,6 +337,65 @@ bool llama_minicache_set_pending(const llama_minicache_params * params) {
     }
     g_pending_set = true;
     return true;
+}
+
+bool llama_minicache_set_pending_file(const char * path, int32_t n_ubatch) {
+    g_last_error.clear();
+    g_pending_set = false;
+    if (path == nullptr) {
+        g_last_error = "no params file given";
+        return false;
+    }
+    std::unique_ptr<FILE, int (*)(FILE *)> f(fopen(path, "rb"), fclose);
+    if (!f) {
+        g_last_error = format("cannot open the params file '%s'", path);
+        return false;
+    }
+    auto read = [&](void * dst, size_t n) { return fread(dst, 1, n, f.get()) == n; };
+    auto bad  = [&](const char * what) {
+        g_last_error = format("'%s' is not a MiniCache params file (%s)", path, what);
+        return false;
+    };
+
+    char magic[8];
+    if (!read(magic, sizeof(magic)) || memcmp(magic, "MCKVPAR1", sizeof(magic)) != 0) {
+        return bad("its first 8 bytes are not MCKVPAR1");
+    }
+    llama_minicache_params p = llama_minicache_default_params();
+    int32_t merge_k = 0;
+    int32_t merge_v = 0;
+    if (!read(&p.start_layer, 4) || !read(&p.t, 4) || !read(&p.gamma, 4) || !read(&p.window, 4) ||
+        !read(&merge_k, 4) || !read(&merge_v, 4) || !read(&p.retention, 4) || !read(&p.n_pairs, 4)) {
+        return bad("the header is cut short");
+    }
+    if (p.n_pairs < 0 || p.n_pairs > 65536) {
+        return bad(format("n_pairs=%d", p.n_pairs).c_str());
+    }
+    p.merge_k  = merge_k != 0;
+    p.merge_v  = merge_v != 0;
+    p.n_ubatch = n_ubatch;
+
+    std::vector<llama_minicache_pair> pairs(p.n_pairs);
+    std::vector<std::vector<float>>   rots(p.n_pairs);
+    for (int32_t i = 0; i < p.n_pairs; ++i) {
+        llama_minicache_pair & q = pairs[i];
+        if (!read(&q.kind, 4) || !read(&q.il, 4) || !read(&q.rot, 4) || !read(&q.n_r, 4)) {
+            return bad(format("pair %d is cut short", i).c_str());
+        }
+        if (q.n_r < 0 || q.n_r > (1 << 26)) {
+            return bad(format("pair %d: n_r=%d", i, q.n_r).c_str());
+        }
+        rots[i].resize(q.n_r);
+        if (q.n_r > 0 && !read(rots[i].data(), sizeof(float) * q.n_r)) {
+            return bad(format("pair %d: the rotation is cut short", i).c_str());
+        }
+        q.r = q.n_r > 0 ? rots[i].data() : nullptr;
+    }
+    if (fgetc(f.get()) != EOF) {
+        return bad("bytes after the last pair");
+    }
+    p.pairs = pairs.empty() ? nullptr : pairs.data();
+    return llama_minicache_set_pending(&p);
 }
 
 const char * llama_minicache_last_error(void) {
