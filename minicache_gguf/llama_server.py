@@ -85,7 +85,7 @@ def _our_parser() -> argparse.ArgumentParser:
         f = MergeConfig.__dataclass_fields__[name]
         typ = {"start_layer": int, "calibration": str}.get(name, type(f.default))
         p.add_argument(f"--kv-{name.replace('_', '-')}", dest=name, type=typ, default=None,
-                       help=f"{f.metadata['help']} (default {f.default})")
+                       help=f.metadata["help"] + ("" if f.default is None else f" (default {f.default})"))
     return p
 
 

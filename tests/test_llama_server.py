@@ -186,32 +186,53 @@ def prompts():
     return [text[i * 4000:(i * 4000) + 2600] + "\n\nIn one sentence, this text is about" for i in range(3)]
 
 
+#: llama.cpp's arithmetic differs with how a server batches a sequence's tokens with other slots'
+#: (stock llama-server too: scripts/server_batching.py measures it, docs/cli.md has the figures), so a
+#: concurrent greedy completion equals the one-at-a-time one up to where the latter's top two tokens
+#: are this close (nats), and its log-probabilities on the way stay this close
+NEAR_TIE, LOGPROB_TOL = 0.25, 0.5
+
+
+def _agree(alone, conc) -> tuple:
+    """(tokens in common before the first difference, max |logprob difference| on them, the
+    one-at-a-time run's top-2 gap where they differ or None)."""
+    a, b = alone["tokens"], conc["tokens"]
+    k = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
+    pa, pb = alone["completion_probabilities"], conc["completion_probabilities"]
+    d = max((abs(pa[j]["logprob"] - pb[j]["logprob"]) for j in range(k)), default=0.0)
+    gap = None
+    if k < len(a):
+        top = pa[k]["top_logprobs"]
+        gap = top[0]["logprob"] - top[1]["logprob"]
+    return k, d, gap
+
+
 def test_two_concurrent_clients_get_what_one_at_a_time_gets(tmp_path, prompts):
-    # decoding restores merged K/V under flash attention: a sequence's logits then do not depend on
-    # the other sequences in its batches (bit for bit), so greedy completions must match exactly
-    proc, base, log = _start(tmp_path, ["-c", "4096", "-np", "2", "-fa", "on", "--metrics", "--cache-ram", "0"],
-                             env={"LLAMA_MINICACHE_RESTORE": "1"})
+    proc, base, log = _start(tmp_path, ["-c", "4096", "-np", "2", "--metrics", "--cache-ram", "0"])
     try:
-        head = log.read_text()
-        assert "aligned merging on" in head and "--kv-merge-params" not in head.split("\n")[0]
+        assert "aligned merging on" in log.read_text()
 
         def ask(p):
-            return _post(base + "/completion", {"prompt": p, "n_predict": 24, "temperature": 0,
+            return _post(base + "/completion", {"prompt": p, "n_predict": 24, "temperature": 0, "n_probs": 2,
                                                 "cache_prompt": False, "return_tokens": True})
 
         alone = [ask(p) for p in prompts[:2]]
         m = _metrics(base)
         assert m["kv_merge_cells_merged"] > 0 and m["kv_merge_bytes"] < m["kv_merge_bytes_dense"]
         assert m["kv_merge_pools"] > 0
-        out = [None, None]
-        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, ask(prompts[i]))) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for a, b in zip(alone, out):
-            assert b is not None and b["tokens"] == a["tokens"] and len(a["tokens"]) == 24
-            assert a["tokens_evaluated"] > 400  # past the window: merged while the other slot ran
+        for rep in range(2):
+            out = [None, None]
+            threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, ask(prompts[i]))) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for a, b in zip(alone, out):
+                assert b is not None and len(a["tokens"]) == len(b["tokens"]) == 24
+                assert a["tokens_evaluated"] > 400  # past the window: merged while the other slot ran
+                k, d, gap = _agree(a, b)
+                assert d < LOGPROB_TOL, (rep, k, d)
+                assert gap is None or gap < NEAR_TIE, (rep, k, gap, a["tokens"], b["tokens"])
         # both slots were busy in the same decode calls
         assert _metrics(base)["n_busy_slots_per_decode"] > 1.0
     finally:

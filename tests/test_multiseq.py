@@ -300,3 +300,43 @@ def test_one_sequences_state_reloads_among_the_others(model, model_path, texts, 
     assert got is not None, f"the state of sequence 1 was refused: {n}"
     for s in (0, 1, 2):
         assert np.array_equal(got[s], want[s]), s
+
+
+def _reload_after_others_moved_on(model, texts, params, reload: bool):
+    """Sequence 1's state saved and the sequence removed; 0 and 2 decode 48 more tokens (their merges
+    take slots, the freed ones among them); then, with reload, the saved state is loaded back; then
+    one more token of 0 and 2: (their logits, set_data's return, the engine's error)."""
+    _, ctx = _run(model, texts, 1024, [0, 1, 2], "f16", True, params)
+    try:
+        blob = ctx.state(1)
+        mem = llama_cpp.llama_get_memory(ctx.ctx)
+        assert llama_cpp.llama_memory_seq_rm(mem, 1, -1, -1)
+        pos = {s: LENS[s] + N_DECODE for s in (0, 2)}
+        for k in range(48):
+            ctx.decode([(texts[s][(pos[s] + k) % len(texts[s])], pos[s] + k, s) for s in (0, 2)])
+        n, why = None, ""
+        if reload:
+            buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+            n = llama_cpp.llama_state_seq_set_data(ctx.ctx, buf, len(blob), 1)
+            why = _internals.last_error()
+            if n:
+                assert ctx.state(1) == blob
+            else:
+                assert llama_cpp.llama_memory_seq_pos_max(mem, 1) == -1  # refused: nothing of it is left
+        return ctx.decode([(texts[s][5], pos[s] + 48, s) for s in (0, 2)]), n, why
+    finally:
+        ctx.close()
+
+
+def test_a_reload_that_finds_its_slots_taken_is_refused_and_leaves_the_others(model, model_path, texts, monkeypatch):
+    """A sequence's saved state names its exact slots; once other sequences' merges took one, the
+    load is refused (llama-server then evaluates the prompt) and the other sequences decode as if no
+    load had been tried."""
+    monkeypatch.setenv("LLAMA_MINICACHE_RESTORE", "1")
+    params = _params(model_path, "f16")
+    want, _, _ = _reload_after_others_moved_on(model, texts, params, reload=False)
+    got, n, why = _reload_after_others_moved_on(model, texts, params, reload=True)
+    # the other sequences' merges took one of its slots: refused, with the reason
+    assert n == 0 and "another sequence holds it" in why, (n, why)
+    for i in range(2):
+        assert np.array_equal(got[i], want[i]), i

@@ -378,7 +378,9 @@ void llama_kv_minicache::state_read_cells(llama_io_read_i & io, const std::vecto
                             n_retain_max));
                 }
                 if (p.cell_of_slot[s] >= 0) {
-                    throw std::runtime_error(format("MiniCache state: slot %d holds two cells", s));
+                    throw std::runtime_error(format("MiniCache state: slot %d holds two cells (the state names it twice, "
+                            "or another sequence holds it: one sequence's state loads only while the slots "
+                            "it was saved with are free)", s));
                 }
                 p.slot_of_cell[c] = s;
                 p.cell_of_slot[s] = (int32_t) c;
