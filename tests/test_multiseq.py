@@ -340,3 +340,36 @@ def test_a_reload_that_finds_its_slots_taken_is_refused_and_leaves_the_others(mo
     assert n == 0 and "another sequence holds it" in why, (n, why)
     for i in range(2):
         assert np.array_equal(got[i], want[i]), i
+
+
+def _keep_then_decode(model, texts, params):
+    """The three sequences' schedule, then seq_keep(0): the other sequences' cells, slots and merged
+    state go; one more token of 0: (its logits, cells used after seq_keep, cells sequence 0 holds)."""
+    _, ctx = _run(model, texts, 1024, [0, 1, 2], "f16", True, params)
+    try:
+        mem = llama_cpp.llama_get_memory(ctx.ctx)
+        n0 = len(_positions(ctx.state(0)))
+        llama_cpp.llama_memory_seq_keep(mem, 0)
+        assert llama_cpp.llama_memory_seq_pos_max(mem, 1) == -1 and llama_cpp.llama_memory_seq_pos_max(mem, 2) == -1
+        used = _internals.get_stats(_ptr(ctx)).tokens
+        nxt = LENS[0] + N_DECODE
+        return ctx.decode([(texts[0][nxt - 1], nxt, 0)])[0], used, n0
+    finally:
+        ctx.close()
+
+
+def _ptr(ctx) -> int:
+    return ctypes.cast(ctx.ctx, ctypes.c_void_p).value
+
+
+def test_seq_keep_leaves_one_sequence_as_if_alone(model, model_path, texts, monkeypatch):
+    """seq_keep(0) frees every other sequence's cells at once (the cache then holds exactly sequence
+    0's cells), and sequence 0 decodes as alone, within the difference the stock cache shows."""
+    monkeypatch.setenv("LLAMA_MINICACHE_RESTORE", "1")
+    params = _params(model_path, "f16")
+    got, used, n0 = _keep_then_decode(model, texts, params)
+    stock, _, _ = _keep_then_decode(model, texts, None)
+    assert used == n0
+    d = np.abs(got - _alone_then_decode(model, texts, 0, params)).max()
+    d_stock = np.abs(stock - _alone_then_decode(model, texts, 0, None)).max()
+    assert d <= max(2 * d_stock, 1e-5), (d, d_stock)
