@@ -11,7 +11,9 @@ row: the largest N whose context (n_seq_max = N, n_ctx = N x ctx) allocates at m
 (llama_minicache_get_stats' kv_bytes, the cache's own buffers); then N sequences, each prefilled with
 ctx - decode tokens of the built-in eval text (one sequence at a time, ubatches of 256), decode
 `decode` more tokens together (one batch of N tokens per step); aggregate tok/s = N x decode / time,
-the median of `reps` repetitions (each removes the decoded tokens and decodes them again).
+the median of `reps` repetitions (each removes the decoded tokens and decodes them again). Stock and
+merged contexts of one cache type are held together and their repetitions alternate (order swapped
+each time); the last column is the median of the paired merged / stock ratios.
 """
 
 from __future__ import annotations
@@ -88,9 +90,11 @@ def main() -> None:
 
     print(f"default model, {a.ctx} tokens per sequence ({prompt} prompt + {a.decode} decoded), KV budget "
           f"{a.budget_mib:g} MiB, {os.cpu_count()} threads, flash attention on\n")
-    print("| KV cache | merge | KV MiB per sequence | sequences in budget | KV MiB allocated | aggregate decode tok/s |")
-    print("|---|---|---|---|---|---|")
+    print("| KV cache | merge | KV MiB per sequence | sequences in budget | KV MiB allocated | aggregate decode tok/s "
+          "| merged / stock tok/s |")
+    print("|---|---|---|---|---|---|---|")
     for type_name in ("f16", "q8_0", "q4_0"):
+        rows = []  # stock, merged
         for merged in (False, True):
             params, note = None, ""
             if merged:
@@ -109,33 +113,49 @@ def main() -> None:
                 if mib > a.budget_mib:
                     break
                 best, mib_best = n_seq, mib
-            per_seq = mib_best / best if best else float("nan")
-            if best == 0:
-                print(f"| {type_name} | {'on' + note if merged else 'off'} | — | 0 | — | — |", flush=True)
-                continue
-            ctx = _context(model, best, best * a.ctx, type_name, params)
-            batch = llama_cpp.llama_batch_init(N_UBATCH, 0, best)
-            try:
-                for s in range(best):
+            rows.append({"label": "on" + note if merged else "off", "n": best, "mib": mib_best, "params": params,
+                         "times": []})
+        live = [r for r in rows if r["n"] > 0]
+        batches = []
+        try:
+            for r in live:
+                r["ctx"] = _context(model, r["n"], r["n"] * a.ctx, type_name, r["params"])
+                batch = llama_cpp.llama_batch_init(N_UBATCH, 0, r["n"])
+                batches.append(batch)
+                r["batch"] = batch
+                for s in range(r["n"]):
                     seq = toks[s * 997 % (len(toks) - a.ctx):][:a.ctx]
                     for i in range(0, prompt, N_UBATCH):
-                        _decode(ctx, batch, [(seq[p], p, s) for p in range(i, min(prompt, i + N_UBATCH))])
-                times = []
-                mem = llama_cpp.llama_get_memory(ctx)
-                for _ in range(a.reps):
+                        _decode(r["ctx"], batch, [(seq[p], p, s) for p in range(i, min(prompt, i + N_UBATCH))])
+            # paired repetitions: stock and merged alternate, the order swapped every repetition
+            for rep in range(a.reps):
+                for r in (live if rep % 2 == 0 else live[::-1]):
                     t0 = time.perf_counter()
                     for k in range(a.decode):
                         p = prompt + k
-                        _decode(ctx, batch, [(toks[(s * 997 + p) % len(toks)], p, s) for s in range(best)])
-                    times.append(time.perf_counter() - t0)
-                    for s in range(best):
+                        _decode(r["ctx"], r["batch"], [(toks[(s * 997 + p) % len(toks)], p, s) for s in range(r["n"])])
+                    r["times"].append(time.perf_counter() - t0)
+                    mem = llama_cpp.llama_get_memory(r["ctx"])
+                    for s in range(r["n"]):
                         llama_cpp.llama_memory_seq_rm(mem, s, prompt, -1)
-            finally:
+        finally:
+            for batch in batches:
                 llama_cpp.llama_batch_free(batch)
-                llama_cpp.llama_free(ctx)
-            tps = best * a.decode / statistics.median(times)
-            print(f"| {type_name} | {'on' + note if merged else 'off'} | {per_seq:.2f} | {best} | {mib_best:.1f} | "
-                  f"{tps:.1f} |", flush=True)
+            for r in live:
+                if r.get("ctx"):
+                    llama_cpp.llama_free(r["ctx"])
+        ratio = "—"
+        if len(live) == 2:
+            st, mg = live
+            ratio = "%.2f" % statistics.median(
+                (mg["n"] * a.decode / tm) / (st["n"] * a.decode / ts) for ts, tm in zip(st["times"], mg["times"]))
+        for i, r in enumerate(rows):
+            if r["n"] == 0:
+                print(f"| {type_name} | {r['label']} | — | 0 | — | — | — |", flush=True)
+                continue
+            tps = r["n"] * a.decode / statistics.median(r["times"])
+            print(f"| {type_name} | {r['label']} | {r['mib'] / r['n']:.2f} | {r['n']} | {r['mib']:.1f} | {tps:.1f} | "
+                  f"{ratio if i == 1 else ''} |", flush=True)
     llama_cpp.llama_model_free(model)
 
 
