@@ -116,13 +116,10 @@ def main() -> None:
             rows.append({"label": "on" + note if merged else "off", "n": best, "mib": mib_best, "params": params,
                          "times": []})
         live = [r for r in rows if r["n"] > 0]
-        batches = []
         try:
             for r in live:
                 r["ctx"] = _context(model, r["n"], r["n"] * a.ctx, type_name, r["params"])
-                batch = llama_cpp.llama_batch_init(N_UBATCH, 0, r["n"])
-                batches.append(batch)
-                r["batch"] = batch
+                r["batch"] = batch = llama_cpp.llama_batch_init(N_UBATCH, 0, r["n"])
                 for s in range(r["n"]):
                     seq = toks[s * 997 % (len(toks) - a.ctx):][:a.ctx]
                     for i in range(0, prompt, N_UBATCH):
@@ -139,9 +136,9 @@ def main() -> None:
                     for s in range(r["n"]):
                         llama_cpp.llama_memory_seq_rm(mem, s, prompt, -1)
         finally:
-            for batch in batches:
-                llama_cpp.llama_batch_free(batch)
             for r in live:
+                if r.get("batch"):
+                    llama_cpp.llama_batch_free(r["batch"])
                 if r.get("ctx"):
                     llama_cpp.llama_free(r["ctx"])
         ratio = "—"
