@@ -114,6 +114,7 @@ def export_source(out: Path) -> None:
             if not rel or not (m.isfile() or m.isdir()) or not _source_kept(rel + ("/" if m.isdir() else "")):
                 continue
             m.name = "llama.cpp/" + rel
+            m.pax_headers.pop("path", None)  # a long name's pax header would win over the new name
             dst.addfile(m, src.extractfile(m) if m.isfile() else None)
             n += m.isfile()
     Path(str(out) + ".sha256").write_text(f"{sha256_file(out)} {E.UPSTREAM_SDIST_SHA256}\n")
@@ -378,7 +379,8 @@ def prune_old_engines(variant: str, cuda: bool, keep: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def build(variant: str, cuda: bool, jobs: int, force: bool, source: Path | None = None) -> Path:
+def build(variant: str, cuda: bool, jobs: int, force: bool, source: Path | None = None,
+          extra_flags: list[str] | None = None) -> Path:
     key = E.engine_key(variant, cuda, ROOT)
     out = E.cache_dir() / "engine" / key
     if not force and (out / E.ENGINE_MANIFEST).is_file() and (out / "lib" / "libllama.so").is_file():
@@ -387,7 +389,7 @@ def build(variant: str, cuda: bool, jobs: int, force: bool, source: Path | None 
     t0 = time.time()
     src = prepare_source(variant, cuda, source or fetch_sdist())
     build_dir = E.cache_dir() / "engine" / f"build-{variant}{'-cuda' if cuda else ''}"
-    flags = E.cmake_flags(variant, cuda)
+    flags = E.cmake_flags(variant, cuda) + (extra_flags or [])
     log = build_dir.with_suffix(".log")
     say(f"building {variant} engine ({' '.join(flags)}, {jobs} jobs); log: {log}")
     run_build(src, build_dir, flags, jobs, log)
@@ -457,14 +459,14 @@ def main() -> None:
     if a.export_source:
         export_source(Path(a.export_source))
         return
-    if a.cuda:
-        check_cuda_toolkit()
+    extra = check_cuda_toolkit() if a.cuda else []
     source = check_source_tar(Path(a.source_tar)) if a.source_tar else None
-    build("stock" if a.stock else "patched", a.cuda, a.jobs, a.force, source)
+    build("stock" if a.stock else "patched", a.cuda, a.jobs, a.force, source, extra)
 
 
-def check_cuda_toolkit() -> None:
-    """The CUDA flavour needs nvcc (CUDA toolkit); say so plainly where there is none."""
+def check_cuda_toolkit() -> list[str]:
+    """The CUDA flavour needs nvcc (CUDA toolkit); say so plainly where there is none. Returns the
+    CMake flags this toolkit needs beyond the usual ones."""
     nvcc = os.environ.get("CUDACXX") or shutil.which("nvcc") or next(
         (str(p) for p in sorted(Path("/usr/local").glob("cuda*/bin/nvcc"))), None)
     if not nvcc or not Path(nvcc).is_file():
@@ -477,6 +479,14 @@ def check_cuda_toolkit() -> None:
     incs = [d for h in homes for d in (h / "include", *h.glob("targets/*/include"))]
     if os.environ.get("CUDA_HOME"):
         incs.append(Path(os.environ["CUDA_HOME"]) / "include")
+    extra = []
+    if not any((d / "cublas_v2.h").is_file() for d in incs) and (wheel := pip_cublas()):
+        # cuBLAS from the nvidia-cublas wheel (as PyTorch installs it): its headers, and links under
+        # the names the linker and FindCUDAToolkit look for
+        inc, links = wheel[0], cuda_links(wheel[1], home)
+        say(f"CUDA flavour: cuBLAS from {wheel[1].parent} (links in {links})")
+        extra = [f"-DCMAKE_CUDA_FLAGS=-I{inc}", f"-DCMAKE_LIBRARY_PATH={links}"]
+        incs.append(inc)
     if not any((d / "cublas_v2.h").is_file() for d in incs):
         die(f"--cuda: found nvcc ({nvcc}) but not cuBLAS (cublas_v2.h in {', '.join(map(str, incs))}); "
             "ggml's CUDA backend links it: install the toolkit's cuBLAS development files (e.g. the "
@@ -486,6 +496,40 @@ def check_cuda_toolkit() -> None:
     except ValueError as e:
         die(str(e))
     say(f"CUDA flavour: nvcc {nvcc}, architectures {archs} ({E.CUDA_ARCHS_ENV} overrides)")
+    return extra
+
+
+def pip_cublas() -> tuple[Path, Path] | None:
+    """(include dir, lib dir) of cuBLAS installed as a Python wheel (nvidia-cublas) on this
+    interpreter's path, or None."""
+    for base in map(Path, sys.path):
+        for sub in ("nvidia/cu13", "nvidia/cu12", "nvidia/cublas"):
+            d = base / sub
+            if (d / "include" / "cublas_v2.h").is_file() and any((d / "lib").glob("libcublas.so.*")):
+                return d / "include", d / "lib"
+    return None
+
+
+def cuda_links(lib: Path, toolkit: Path) -> Path:
+    """A folder of symbolic links for a wheel's cuBLAS: libcublas*.so and the versioned names (the
+    engine's libraries find them there at run time), and libcuda.so for the driver API when the
+    toolkit has no stub of it."""
+    links = E.cache_dir() / "engine" / "cuda-links"
+    shutil.rmtree(links, ignore_errors=True)
+    links.mkdir(parents=True)
+    for so in sorted(lib.glob("libcublas*.so.*")):
+        (links / so.name).symlink_to(so)
+        (links / (so.name.split(".so")[0] + ".so")).symlink_to(so)
+    stubs = [toolkit / d / "libcuda.so" for d in ("lib64", "lib64/stubs", "lib/stubs")]
+    stubs += list(toolkit.glob("targets/*/lib/stubs/libcuda.so"))
+    if not any(p.is_file() for p in stubs):
+        r = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True)
+        found = [ln.split("=>")[-1].strip() for ln in r.stdout.splitlines() if ln.strip().startswith("libcuda.so.1 ")]
+        found += [str(p) for p in (Path("/usr/local/nvidia/lib64/libcuda.so.1"), Path("/usr/lib/x86_64-linux-gnu/libcuda.so.1"))]
+        driver = next((Path(p) for p in found if Path(p).is_file()), None)
+        if driver:
+            (links / "libcuda.so").symlink_to(driver)
+    return links
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 #   bash scripts/gpu_check.sh --bundle [DIR]   # on a machine with network access (after setup.sh):
 #                                              # DIR (default .gpu-bundle) gets what the GPU machine needs
 #   bash scripts/gpu_check.sh [DIR]            # on the GPU machine: offline, from the working tree + DIR
+#   bash scripts/gpu_check.sh --build-only [DIR]  # there: only the CUDA engine (the model parts may come later)
 #
 # The bundle: llama.cpp pruned to what the builds read (~3 MiB, sha256-checked against the pinned
 # upstream), llama-cpp-python's Python package, the wheels this package needs for the GPU machine's
@@ -21,16 +22,18 @@ log() { echo "gpu_check: $*" >&2; }
 die() { echo "gpu_check: error: $*" >&2; exit 1; }
 
 BUNDLE_MODE=0
+BUILD_ONLY=0
 WITH_NUMPY=0
 PYVER=3.12
 DIR=.gpu-bundle
 while [ $# -gt 0 ]; do
     case "$1" in
         --bundle) BUNDLE_MODE=1 ;;
+        --build-only) BUILD_ONLY=1 ;;
         --python-version) PYVER=$2; shift ;;
         --with-numpy) WITH_NUMPY=1 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-        -*) die "unknown option '$1' (valid: --bundle, --python-version X.Y, --with-numpy, DIR)" ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -*) die "unknown option '$1' (valid: --bundle, --build-only, --python-version X.Y, --with-numpy, DIR)" ;;
         *) DIR=$1 ;;
     esac
     shift
@@ -83,6 +86,13 @@ tar -xzf "$DIR/llama_cpp.tar.gz" -C "$MINICACHE_GGUF_CACHE/site"
 export PYTHONPATH="$ROOT:$MINICACHE_GGUF_CACHE/site${PYTHONPATH:+:$PYTHONPATH}"
 cp -n "$DIR"/downloads/*.whl "$MINICACHE_GGUF_CACHE/downloads/" 2>/dev/null || true
 
+# the CUDA engine (cached by a key over every input, like the CPU one)
+"$PY" scripts/build_engine.py --cuda --source-tar "$DIR/llama-src.tar.gz"
+# a cuBLAS that came as a Python wheel is linked through the links the build made
+export LD_LIBRARY_PATH="$MINICACHE_GGUF_CACHE/engine/cuda-links${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+[ "$BUILD_ONLY" = 1 ] && { log "CUDA engine built (--build-only)"; exit 0; }
+export MINICACHE_GGUF_CUDA=1 MINICACHE_GGUF_N_GPU_LAYERS=-1
+
 # the default model, joined from its parts (checked against its pinned sha256 by the package)
 if ! "$PY" -c "from minicache_gguf.model import default_model_path; default_model_path(fetch=False, progress=False)" 2>/dev/null; then
     ls "$DIR"/model/part-* >/dev/null 2>&1 || die "the model parts are missing from $DIR/model"
@@ -91,15 +101,15 @@ if ! "$PY" -c "from minicache_gguf.model import default_model_path; default_mode
         || die "the joined model does not match its sha256 (a part missing or damaged?)"
 fi
 
-# the CUDA engine (cached by a key over every input, like the CPU one)
-"$PY" scripts/build_engine.py --cuda --source-tar "$DIR/llama-src.tar.gz"
-export MINICACHE_GGUF_CUDA=1 MINICACHE_GGUF_N_GPU_LAYERS=-1
 "$PY" -c "from minicache_gguf import _engine; print('gpu_check: engine', _engine.active_lib_dir())" >&2
 
-# engine, oracle and quality tests, every layer (and its KV cache) on the GPU
-"$PY" -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_quantized.py tests/test_quality.py
+# engine, oracle, layout and quality tests, every layer (and its KV cache) on the GPU
+rc=0
+"$PY" -m pytest -q -p no:cacheprovider -rfE --durations=10 tests/test_engine.py tests/test_quantized.py \
+    tests/test_layouts.py tests/test_quality.py || rc=$?
 
-# GPU bench: KV MiB, prefill and decode tok/s, merging off / on, flash attention on
-"$PY" -m minicache_gguf.cli bench --ctx 8192,32768 --modes f16,paper-w256,aligned-head-w256,q8_0,q8_0+paper-w256,q4_0,q4_0+paper-w256 \
-    --flash-attn on --reps 3
+# GPU bench: KV MiB, prefill and decode tok/s, merging off / on, flash attention on (run whatever the tests said)
+"$PY" -m minicache_gguf.cli bench --ctx 8192,32768 --flash-attn on --reps 3 \
+    --modes f16,paper-w256,aligned-head-w256,q8_0,q8_0+paper-w256,q4_0,q4_0+paper-w256,q4_0+aligned-head-w256 || rc=$?
+[ "$rc" = 0 ] || die "tests or bench failed (status $rc) on: $GPU"
 log "done on: $GPU"

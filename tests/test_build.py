@@ -161,6 +161,11 @@ def test_exported_source_is_pruned_and_checked(tmp_path):
     assert "llama.cpp/CMakeLists.txt" in names and "llama.cpp/tools/rpc/rpc-server.cpp" in names
     assert "llama.cpp/tools/server/server.cpp" in names and "llama.cpp/common/common.cpp" in names
     assert any(n.startswith("llama.cpp/ggml/src/ggml-cuda/") for n in names)
+    # every member under the new root, long names too (a pax header's path would keep the old one)
+    assert all(n.startswith("llama.cpp/") for n in names), [n for n in names if not n.startswith("llama.cpp/")][:3]
+    inst = "llama.cpp/ggml/src/ggml-cuda/template-instances/"
+    for kind in ("fattn-mma-f16-instance-", "fattn-tile-instance-", "fattn-vec-instance-", "mmf-instance-", "mmq-instance-"):
+        assert any(n.startswith(inst + kind) for n in names), kind
     assert not any(n.startswith(("llama.cpp/models/", "llama.cpp/docs/", "llama.cpp/ggml/src/ggml-vulkan/")) for n in names)
     assert out.stat().st_size < 8 * 2**20
     b = load_build_script()
