@@ -396,6 +396,11 @@ def build(variant: str, cuda: bool, jobs: int, force: bool, source: Path | None 
     tmp_out = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp_out, ignore_errors=True)
     libs = install_libs(build_dir, tmp_out / "lib")
+    links = E.cache_dir() / "engine" / "cuda-links"
+    if cuda and any(f.startswith("-DCMAKE_LIBRARY_PATH=") for f in extra_flags or []):
+        # a wheel's cuBLAS: its libraries next to the engine's, found through $ORIGIN
+        for so in sorted(links.glob("libcublas*.so.*")):
+            (tmp_out / "lib" / so.name).symlink_to(so.resolve())
     check_libs(tmp_out / "lib", variant)
     manifest = {
         "key": key,
@@ -485,7 +490,8 @@ def check_cuda_toolkit() -> list[str]:
         # the names the linker and FindCUDAToolkit look for
         inc, links = wheel[0], cuda_links(wheel[1], home)
         say(f"CUDA flavour: cuBLAS from {wheel[1].parent} (links in {links})")
-        extra = [f"-DCMAKE_CUDA_FLAGS=-I{inc}", f"-DCMAKE_LIBRARY_PATH={links}"]
+        extra = [f"-DCMAKE_CUDA_FLAGS=-I{inc}", f"-DCMAKE_LIBRARY_PATH={links}",
+                 f"-DCMAKE_EXE_LINKER_FLAGS=-Wl,-rpath-link,{links}"]
         incs.append(inc)
     if not any((d / "cublas_v2.h").is_file() for d in incs):
         die(f"--cuda: found nvcc ({nvcc}) but not cuBLAS (cublas_v2.h in {', '.join(map(str, incs))}); "
