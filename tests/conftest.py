@@ -22,6 +22,16 @@ def no_unasked_calibration():
     os.environ.pop(FORBID_ENV, None)
 
 
+@pytest.fixture(scope="session")
+def on_gpu():
+    """The caches these tests create live on a GPU: the CUDA engine with every layer offloaded
+    (scripts/gpu_check.sh sets both variables)."""
+    from minicache_gguf import _engine
+    from minicache_gguf.config import default_n_gpu_layers
+
+    return os.environ.get(_engine.CUDA_ENV, "") not in ("", "0") and default_n_gpu_layers() == -1
+
+
 @pytest.fixture
 def allow_calibration(monkeypatch):
     """This test calibrates on purpose."""

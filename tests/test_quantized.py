@@ -212,11 +212,17 @@ def test_unit_directions_cost_what_rows_cost(model_path, tokens):
 
 @pytest.mark.parametrize("qtype,flash_attn", [("bf16", False), ("q5_0", True), ("q5_1", True), ("q4_1", True),
                                               ("iq4_nl", True), ("f32", False)])
-def test_every_cache_type_merges(model_path, tokens, shipped, qtype, flash_attn):
+def test_every_cache_type_merges(model_path, tokens, shipped, qtype, flash_attn, on_gpu):
     """The other llama.cpp KV types: merged, decoded through both attention paths (the prompt
     restores, decoding folds), finite, and close to the same type unmerged (a wrong layout or
-    basis costs ~1 nat)."""
+    basis costs ~1 nat). CUDA cannot read iq4_nl rows of a head's width back (GET_ROWS): refused."""
     toks = tokens[:344]
+    if on_gpu and qtype == "iq4_nl":
+        with pytest.raises(ConfigError, match="backend cannot run GET_ROWS of iq4_nl rows"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationTypeWarning)
+            Llama(model_path, n_ctx=512, flash_attn=flash_attn, verbose=False, type_k=qtype, type_v=qtype,
+                  kv_merge=MergeConfig(window=64, calibration=shipped))
+        return
 
     def run(kv_merge):
         with warnings.catch_warnings():
