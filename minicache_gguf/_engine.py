@@ -211,9 +211,27 @@ def lib_dir(variant: str = "patched", cuda: bool = False) -> Path:
         flag = ("" if variant == "patched" else " --stock") + (" --cuda" if cuda else "")
         raise EngineNotBuilt(
             f"{what} for this source tree is not built (expected {d}); "
-            f"run: bash scripts/setup.sh{flag}"
+            f"run: bash scripts/setup.sh{flag}" + (_other_archs(d) if cuda else "")
         )
     return d / "lib"
+
+
+def _other_archs(want: Path) -> str:
+    """For a CUDA engine not found: the CUDA architectures of the other CUDA engines of this
+    variant in the cache (the architectures are part of the key)."""
+    found, now = [], os.environ.get(CUDA_ARCHS_ENV, "").strip() or DEFAULT_CUDA_ARCHS
+    for m in sorted(want.parent.glob(want.name.rsplit("-", 1)[0] + "-*/" + ENGINE_MANIFEST)):
+        try:
+            flags = json.loads(m.read_text()).get("cmake_flags", [])
+        except (OSError, ValueError):
+            continue
+        archs = [f.split("=", 1)[1] for f in flags if f.startswith("-DCMAKE_CUDA_ARCHITECTURES=")]
+        if archs and archs[0] != now:
+            found.append(f"{m.parent.name} ({archs[0]})")
+    if not found:
+        return ""
+    return (f"; built here for other CUDA architectures: {', '.join(found)}: set {CUDA_ARCHS_ENV} to the "
+            f"one it was built with (now {now!r})")
 
 
 _active: Path | None = None

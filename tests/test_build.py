@@ -1,6 +1,7 @@
 """The build: pinned upstream, patch series, cache key, clear failures."""
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -175,3 +176,25 @@ def test_exported_source_is_pruned_and_checked(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_engine.py"), "--source-tar", str(out)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "refusing it" in r.stderr, r.stderr
+
+
+def test_a_cuda_engine_built_for_other_architectures_is_named(tmp_path, monkeypatch):
+    """The CUDA architectures are part of an engine's key: asking for the CUDA engine with another
+    MINICACHE_GGUF_CUDA_ARCHS than it was built with names the engines that are there and their value."""
+    monkeypatch.setenv("MINICACHE_GGUF_CACHE", str(tmp_path))
+    monkeypatch.setenv(_engine.CUDA_ARCHS_ENV, "90")
+    built = _engine.engine_dir("patched", cuda=True)
+    (built / "lib").mkdir(parents=True)
+    (built / "lib" / "libllama.so").write_bytes(b"")
+    (built / _engine.ENGINE_MANIFEST).write_text(json.dumps({"cmake_flags": _engine.cmake_flags("patched", cuda=True)}))
+    assert _engine.lib_dir("patched", cuda=True) == built / "lib"
+    monkeypatch.setenv(_engine.CUDA_ARCHS_ENV, "89")
+    with pytest.raises(_engine.EngineNotBuilt, match=rf"built here for other CUDA architectures: {built.name} \(90\): "
+                                                     r"set MINICACHE_GGUF_CUDA_ARCHS to the one it was built with \(now '89'\)"):
+        _engine.lib_dir("patched", cuda=True)
+    monkeypatch.setenv(_engine.CUDA_ARCHS_ENV, "90")
+    monkeypatch.setenv("MINICACHE_GGUF_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(_engine.EngineNotBuilt) as e:
+        _engine.lib_dir("patched", cuda=True)
+    assert "other CUDA architectures" not in str(e.value)
+
