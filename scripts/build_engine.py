@@ -522,19 +522,32 @@ def cuda_links(lib: Path, toolkit: Path) -> Path:
     toolkit has no stub of it."""
     links = E.cache_dir() / "engine" / "cuda-links"
     shutil.rmtree(links, ignore_errors=True)
-    links.mkdir(parents=True)
+    links.mkdir(parents=True, exist_ok=True)
+
+    def link(name: str, target: Path) -> None:
+        if not (links / name).exists():
+            (links / name).symlink_to(target)
+
     for so in sorted(lib.glob("libcublas*.so.*")):
-        (links / so.name).symlink_to(so)
-        (links / (so.name.split(".so")[0] + ".so")).symlink_to(so)
-    stubs = [toolkit / d / "libcuda.so" for d in ("lib64", "lib64/stubs", "lib/stubs")]
-    stubs += list(toolkit.glob("targets/*/lib/stubs/libcuda.so"))
+        link(so.name, so)
+        link(so.name.split(".so")[0] + ".so", so)
+    homes = [toolkit, *sorted(Path("/usr/local").glob("cuda*"))]
+    stubs = [h / d / "libcuda.so" for h in homes for d in ("lib64", "lib64/stubs", "lib/stubs")]
+    stubs += [p for h in homes for p in h.glob("targets/*/lib/stubs/libcuda.so")]
     if not any(p.is_file() for p in stubs):
-        r = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True)
-        found = [ln.split("=>")[-1].strip() for ln in r.stdout.splitlines() if ln.strip().startswith("libcuda.so.1 ")]
-        found += [str(p) for p in (Path("/usr/local/nvidia/lib64/libcuda.so.1"), Path("/usr/lib/x86_64-linux-gnu/libcuda.so.1"))]
+        ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
+        try:
+            out = subprocess.run([ldconfig, "-p"], capture_output=True, text=True).stdout
+        except OSError:
+            out = ""
+        found = [ln.split("=>")[-1].strip() for ln in out.splitlines() if ln.strip().startswith("libcuda.so.1 ")]
+        found += ["/usr/local/nvidia/lib64/libcuda.so.1", "/usr/lib/x86_64-linux-gnu/libcuda.so.1"]
         driver = next((Path(p) for p in found if Path(p).is_file()), None)
-        if driver:
-            (links / "libcuda.so").symlink_to(driver)
+        if driver is None:
+            die("--cuda: no NVIDIA driver library (libcuda.so.1) and no libcuda.so stub in the CUDA toolkit "
+                f"({', '.join(map(str, homes))}): ggml's CUDA backend links the driver API; install the driver, "
+                "or a toolkit with its stubs (lib64/stubs/libcuda.so)")
+        link("libcuda.so", driver)
     return links
 
 

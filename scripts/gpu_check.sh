@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command that verifies minicache-gguf on an NVIDIA GPU, with no network access there:
-# builds (or reuses) the CUDA engine, runs the engine, oracle and quality tests with every layer
+# builds (or reuses) the CUDA engine, runs the engine, oracle, layout and quality tests with every layer
 # offloaded, then a GPU bench (KV MiB, prefill and decode tok/s, merging on and off, 8k and 32k,
 # f16 / q8_0 / q4_0 caches, flash attention on).
 #
@@ -9,7 +9,7 @@
 #   bash scripts/gpu_check.sh [DIR]            # on the GPU machine: offline, from the working tree + DIR
 #   bash scripts/gpu_check.sh --build-only [DIR]  # there: only the CUDA engine (the model parts may come later)
 #
-# The bundle: llama.cpp pruned to what the builds read (~3 MiB, sha256-checked against the pinned
+# The bundle: llama.cpp pruned to what the builds read (~5 MiB, sha256-checked against the pinned
 # upstream), llama-cpp-python's Python package, the wheels this package needs for the GPU machine's
 # Python (--python-version, default 3.12; numpy only with --with-numpy), the two data wheels of the quality tests, and the default
 # model in parts of at most 30 MiB (it is 94 MiB; the parts may travel in separate copies into
@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
         --build-only) BUILD_ONLY=1 ;;
         --python-version) PYVER=$2; shift ;;
         --with-numpy) WITH_NUMPY=1 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | grep -v '^set '; exit 0 ;;
         -*) die "unknown option '$1' (valid: --bundle, --build-only, --python-version X.Y, --with-numpy, DIR)" ;;
         *) DIR=$1 ;;
     esac

@@ -182,6 +182,7 @@ def test_a_cuda_engine_built_for_other_architectures_is_named(tmp_path, monkeypa
     """The CUDA architectures are part of an engine's key: asking for the CUDA engine with another
     MINICACHE_GGUF_CUDA_ARCHS than it was built with names the engines that are there and their value."""
     monkeypatch.setenv("MINICACHE_GGUF_CACHE", str(tmp_path))
+    monkeypatch.delenv(_engine.LIB_DIR_ENV, raising=False)
     monkeypatch.setenv(_engine.CUDA_ARCHS_ENV, "90")
     built = _engine.engine_dir("patched", cuda=True)
     (built / "lib").mkdir(parents=True)
