@@ -90,10 +90,12 @@ class KvStats:
     hadamard_k: int = 0        #: merged caches: llama.cpp's Hadamard block on quantized K rows (0: none)
     hadamard_v: int = 0        #: the same for V
     #: counters (not part of the comparison of two stats): rows copied between the host and the merged
-    #: pools so far (state save/load, get_rows; never the merge step), graphs the merge step computed on
-    #: the pools' backend so far
+    #: pools so far (state save/load, get_rows; never the merge step); graphs the merge step computed on
+    #: the pools' backend, host-to-device copies it made and times it waited for that backend, so far
     host_rows: int = field(default=0, compare=False)
     merge_graphs: int = field(default=0, compare=False)
+    merge_uploads: int = field(default=0, compare=False)
+    merge_syncs: int = field(default=0, compare=False)
 
     @property
     def staging_fill(self) -> float:
@@ -172,7 +174,8 @@ def get_stats(ctx_ptr: int) -> KvStats | None:
         staging_capacity=st.n_stage, retention_capacity=st.n_retain_max, exact_slots_per_layer=st.n_slots,
         exact_rows_per_layer=st.n_rows, merged_pools=st.n_pools, aligned_pools=st.n_rot,
         rotation_bytes=st.rot_bytes, hadamard_k=st.attn_rot_k, hadamard_v=st.attn_rot_v,
-        host_rows=st.host_rows, merge_graphs=st.merge_graphs,
+        host_rows=st.host_rows, merge_graphs=st.merge_graphs, merge_uploads=st.merge_uploads,
+        merge_syncs=st.merge_syncs,
     )
 
 

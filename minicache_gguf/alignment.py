@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from . import kvstate, reference
-from .config import ALIGNMENT_FORMS, PairSpec
+from .config import ALIGNMENT_FORMS, MERGE_BLOCK, PairSpec
 
 FORMS = ALIGNMENT_FORMS
 
@@ -139,6 +139,15 @@ class CacheSim:
         return out
 
 
+def n_merged(n_cells: int, window: int, n_ubatch: Optional[int]) -> int:
+    """Tokens the engine has merged once a prompt of n_cells tokens and the next token are in, for a
+    prompt evaluated in ubatches of n_ubatch (reference.merge_steps); None: every token beyond the
+    window (one merge step)."""
+    if n_ubatch is None:
+        return max(0, n_cells - window)
+    return sum(reference.merge_steps(n_cells, window, n_ubatch, MERGE_BLOCK))
+
+
 def merge_pair(st: kvstate.SeqState, q: PairSpec, t: float, gamma: float, window: int, retention: str = "topk",
                sim: Optional[CacheSim] = None, n_ubatch: Optional[int] = None) -> tuple:
     """The rows of layers q.layer and q.layer + 1 (kind q.kind) that the merged engine restores for
@@ -149,7 +158,7 @@ def merge_pair(st: kvstate.SeqState, q: PairSpec, t: float, gamma: float, window
     retention keeps over those merge steps (reference.stream_retained); None: one merge step."""
     rows = st.k if q.kind == "k" else st.v
     a, b = q.layer, q.layer + 1
-    n_m = max(0, st.n_cells - window)
+    n_m = n_merged(st.n_cells, window, n_ubatch)
     rot = full_matrix(q.form, q.r)
     x0, x1 = rows[a][:n_m], rows[b][:n_m]
     m = reference.merge(x0, x1, t, rot=rot, out_dtype=rows[a].dtype if sim is None else np.float32)
@@ -157,8 +166,8 @@ def merge_pair(st: kvstate.SeqState, q: PairSpec, t: float, gamma: float, window
     if n_ubatch is None:
         keep = reference.retain_select(m.dist, gamma, retention)
     else:
-        keep = reference.stream_retained(m.dist, reference.merge_steps(st.n_cells, window, n_ubatch), gamma,
-                                         mode=retention)
+        keep = reference.stream_retained(m.dist, reference.merge_steps(st.n_cells, window, n_ubatch, MERGE_BLOCK),
+                                         gamma, mode=retention)
     r0 = reference.restore(d, m.norm0, rot=rot, out_dtype=rows[a].dtype)
     r1 = reference.restore(d, m.norm1, out_dtype=rows[b].dtype)
     r0[keep], r1[keep] = x0[keep], x1[keep]
@@ -174,7 +183,7 @@ def simulate_merge(st: kvstate.SeqState, pairs: list[PairSpec], t: float, gamma:
     other pairs)."""
     # the untouched layers are shared with st (calibration simulates many selections per run)
     out = st.replace_rows(st.k, st.v)
-    n_m = max(0, st.n_cells - window)
+    n_m = n_merged(st.n_cells, window, n_ubatch)
     if n_m == 0:
         return out
     for q in pairs:

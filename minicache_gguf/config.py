@@ -241,11 +241,17 @@ def default_n_gpu_layers() -> Optional[int]:
     return n
 
 
+#: tokens a sequence stages beyond its window before the engine merges (LLAMA_MINICACHE_MERGE_BLOCK):
+#: it merges when it would stage more than window + MERGE_BLOCK tokens, then every token beyond the
+#: window at once, so decoding merges once per MERGE_BLOCK tokens (reference.merge_steps)
+MERGE_BLOCK = 32
+
+
 def merged_n_ubatch(window: int) -> int:
     """The ubatch size of a merged context when the caller gives none. The staging pool holds
-    max(window, n_ubatch) exact rows, so prompts go in ubatches of the window (at least
+    max(window + MERGE_BLOCK, n_ubatch) exact rows, so prompts go in ubatches of the window (at least
     MIN_MERGED_N_UBATCH tokens for prefill speed, at most llama-cpp-python's STOCK_N_UBATCH): the
-    pool then costs no more than the window does."""
+    pool then costs no more than the window and one merge block do."""
     return min(STOCK_N_UBATCH, max(window, MIN_MERGED_N_UBATCH))
 
 

@@ -80,6 +80,8 @@ struct llama_minicache_stats {
     int64_t rot_bytes;
     int64_t host_rows;
     int64_t merge_graphs;
+    int64_t merge_uploads;
+    int64_t merge_syncs;
 };
 
 struct llama_minicache_params llama_minicache_default_params(void);

@@ -6,7 +6,7 @@ type takes b(e) bytes: f16 2e, q8_0 34e/32, q4_0 18e/32, ...), a context of C ce
 (S, W, gamma, merge_k, merge_v) and ubatch size U:
 
   pairs         P = floor((L - S) / 2)                  (l, l+1) for l = S, S+2, ...
-  staging       s = min(max(W, U), C)
+  staging       s = min(max(W + B, U), C)               (B = MERGE_BLOCK: tokens staged beyond the window)
   retention     r = min(ceil(gamma * C), C)             (bounded top-k capacity)
   exact rows    R = s + r + 1 (one zero row), of layer a only: layer b's exact rows live in the
                 direction tensor while the cell holds a slot
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import MergeConfig, row_bytes
+from .config import MERGE_BLOCK, MergeConfig, row_bytes
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def expected_layout(n_layer: int, n_embd_k: int, n_embd_v: int, n_ctx: int, cfg:
                     n_ubatch: int, type_k: str = "f16", type_v: str = "f16") -> Layout:
     s_layer = cfg.resolve_start(n_layer)
     n_pairs = len(range(s_layer, n_layer - 1, 2))
-    staging = min(max(cfg.window, n_ubatch), n_ctx)
+    staging = min(max(cfg.window + MERGE_BLOCK, n_ubatch), n_ctx)
     retention = retain_capacity(n_ctx, cfg.gamma)
     bk, bv = row_bytes(type_k, n_embd_k), row_bytes(type_v, n_embd_v)
     dense = n_layer * (bk + bv) * n_ctx

@@ -68,7 +68,7 @@ class Llama(llama_cpp.Llama):
         none is refused (calibrate.CalibrationMissing) with the time a calibration takes here and
         the command that makes one; calibration="paper" names the paper's merge. With merging on,
         n_ubatch defaults to the window (at least 256, at most 512: config.merged_n_ubatch), since the
-        exact staging pool holds max(window, n_ubatch) tokens.
+        exact staging pool holds max(window + config.MERGE_BLOCK, n_ubatch) tokens.
 
     Models with interleaved sliding-window layers (Gemma 2/3): swa_full defaults to False, as in
     llama.cpp's llama-server (llama-cpp-python's default, True, gives the sliding-window layers a

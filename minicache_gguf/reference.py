@@ -262,23 +262,22 @@ class StreamingRetention:
             self.retained.discard(c)
 
 
-def merge_steps(n_cells: int, window: int, n_ubatch: int) -> list:
-    """Sizes of the merge steps a prompt of n_cells tokens goes through in ubatches of n_ubatch
-    (the engine's prepare(): before each ubatch, the staged tokens beyond the window, and enough of
-    the oldest to fit the ubatch in the staging pool of max(window, n_ubatch), are merged), then a
-    last step merging what the next token leaves: n_cells - window merged in all, in token order."""
-    if window < 1 or n_ubatch < 1:
-        raise ValueError(f"window={window}, n_ubatch={n_ubatch}: expected positive integers")
-    n_stage, staged, steps = max(window, n_ubatch), 0, []
-    for c0 in range(0, n_cells, n_ubatch):
-        n_new = min(n_ubatch, n_cells - c0)
-        n_merge = max(0, staged - window, staged + n_new - n_stage)
+def merge_steps(n_cells: int, window: int, n_ubatch: int, block: int) -> list:
+    """Sizes of the merge steps a prompt of n_cells tokens goes through in ubatches of n_ubatch, then
+    the next token (the engine's prepare()): before a ubatch of n_new tokens, if the staged tokens and
+    the new ones exceed window + block, the staged tokens beyond the window are merged, and more of
+    the oldest if the ubatch needs the room (a staging pool of max(window + block, n_ubatch)); in
+    token order. Decoding merges once per `block` tokens; sum(steps) tokens are merged in all."""
+    if window < 1 or n_ubatch < 1 or block < 0:
+        raise ValueError(f"window={window}, n_ubatch={n_ubatch}, block={block}: expected positive integers "
+                         "(block >= 0)")
+    n_stage, staged, steps = max(window + block, n_ubatch), 0, []
+    sizes = [min(n_ubatch, n_cells - c0) for c0 in range(0, n_cells, n_ubatch)] + [1]
+    for n_new in sizes:
+        n_merge = max(0, staged - window, staged + n_new - n_stage) if staged + n_new > window + block else 0
         if n_merge:
             steps.append(n_merge)
         staged += n_new - n_merge
-    rest = max(0, n_cells - window) - sum(steps)
-    if rest > 0:
-        steps.append(rest)
     return steps
 
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Decode speed of merging stacked on each KV cache type vs that type with merging off.
 
-    .venv/bin/python scripts/bench_decode.py [--n-ctx 8192] [--types f16,q8_0,q4_0] [--rounds 3] [--per 16]
+    .venv/bin/python scripts/bench_decode.py [--n-ctx 8192] [--prefill N] [--types f16,q8_0,q4_0]
+        [--flash-attn 0|1] [--rounds 3] [--per 16]
 
 Per cache type T, two contexts: T alone and T + aligned merging (the default calibration, as
-calibration="auto"), flash attention on. Each context is prefilled once with n_ctx - rounds*per - 8
-tokens of the built-in eval text (prefill tok/s reported), then the contexts decode `per` tokens
+calibration="auto"), flash attention on (or off: f16 only, a quantized V needs it). Each context is
+prefilled once with --prefill tokens of the built-in eval text (default n_ctx - rounds*per - 8;
+prefill tok/s reported), then the contexts decode `per` tokens
 one at a time in turn, `rounds` times (teacher-forced: the same work as greedy generation without
 the sampler), so every round pairs the two modes under the same machine load. Reported: allocated
 KV, prefill tok/s, median decode tok/s, and the median (min-max) of the per-round decode ratios.
@@ -36,12 +38,18 @@ def main() -> int:
     ap.add_argument("--per", type=int, default=16, help="tokens decoded per round and mode (default 16)")
     ap.add_argument("--calibration", default="auto", help="calibration file or 'auto' (default)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill", type=int, default=None, help="tokens cached before decoding (default: fill n_ctx)")
+    ap.add_argument("--flash-attn", choices=("0", "1"), default="1", help="flash attention off (0, f16 only) or on (1, default)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args()
     types = [cache_type(t, "--types") for t in a.types.split(",")]
-    n_pre = a.n_ctx - a.rounds * a.per - 8
-    if n_pre < 64:
-        raise SystemExit(f"--n-ctx {a.n_ctx} is too small for {a.rounds} rounds of {a.per} tokens")
+    n_pre = a.n_ctx - a.rounds * a.per - 8 if a.prefill is None else a.prefill
+    if n_pre < 64 or n_pre + a.rounds * a.per + 8 > a.n_ctx:
+        raise SystemExit(f"--n-ctx {a.n_ctx} does not hold a prefill of {n_pre} (at least 64) and {a.rounds} rounds "
+                         f"of {a.per} tokens")
+    flash = a.flash_attn == "1"
+    if not flash and types != ["f16"]:
+        raise SystemExit(f"--flash-attn 0 needs --types f16 (a quantized V cache needs flash attention), got {a.types}")
 
     warnings.simplefilter("ignore")  # the calibration-type note: this script measures exactly that
     vocab = Llama(a.model, n_ctx=64, vocab_only=True, verbose=False)
@@ -50,7 +58,7 @@ def main() -> int:
     for t in types:
         for merged in (False, True):
             name = f"{t}+aligned" if merged else t
-            llm = Llama(a.model, n_ctx=a.n_ctx, flash_attn=True, type_k=t, type_v=t, n_threads=a.threads,
+            llm = Llama(a.model, n_ctx=a.n_ctx, flash_attn=flash, type_k=t, type_v=t, n_threads=a.threads,
                         n_threads_batch=a.threads, verbose=False,
                         kv_merge=MergeConfig(calibration=a.calibration) if merged else False)
             t0 = time.perf_counter()
@@ -66,7 +74,8 @@ def main() -> int:
             for tok in seg:
                 llm.eval([tok])
             dec[name].append(a.per / (time.perf_counter() - t0))
-    print(f"n_ctx {a.n_ctx}, {n_pre} tokens prefilled, {a.rounds} rounds x {a.per} decoded, flash attention on, "
+    print(f"n_ctx {a.n_ctx}, {n_pre} tokens prefilled, {a.rounds} rounds x {a.per} decoded, "
+          f"flash attention {'on' if flash else 'off'}, "
           f"{a.threads} threads\n")
     print("| cache | KV MiB | prefill tok/s | decode tok/s | merged vs type alone: KV | prefill | decode (per-round range) |")
     print("|---|---|---|---|---|---|---|")

@@ -28,7 +28,7 @@ def run(endpoint, model, layout, flash_attn, out):
         llm = Llama(model, n_ctx=512, flash_attn=flash_attn, logits_all=True, verbose=where == "rpc", kv_merge=cfg, **kw)
         toks = llm.tokenize(text[:20000].encode())[:200]
         llm.eval(toks)
-        for t in toks[:24]:  # decoding steps: one token leaves the window per step, merged on the cache's backend
+        for t in toks[:24]:  # decoding steps: the first merges the staged tokens beyond the window, on the cache's backend
             llm.eval([t])
         logits = np.array(llm.scores[:llm.n_tokens], dtype=np.float32)
         st = llm.kv_stats()

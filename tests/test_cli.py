@@ -35,7 +35,7 @@ def test_generate_raw_json():
 
 
 def test_generate_with_kv_merge():
-    r = run("generate", "--kv-merge", "--calibration", "paper", "--window", "16", "--raw", "-p", "The sea is", "-n", "40", "--json")
+    r = run("generate", "--kv-merge", "--calibration", "paper", "--window", "16", "--raw", "-p", "The sea is", "-n", "64", "--json")
     assert r.returncode == 0, r.stderr
     kv = json.loads(r.stderr.strip().splitlines()[-1])["kv"]
     assert kv["kv_merge"] and kv["tokens_merged"] > 0 and kv["kv_bytes"] > 0
@@ -78,7 +78,7 @@ def test_generate_about_a_document_merges_it(tmp_path):
 def test_cache_types_like_llama_cpp():
     """-ctk/-ctv take llama.cpp's type names or ggml numbers; a quantized V turns flash attention on."""
     r = run("generate", "--kv-merge", "--calibration", "paper", "--window", "16", "-ctk", "q8_0", "-ctv", "2", "--raw", "-p", "The sea is",
-            "-n", "40", "--json")
+            "-n", "64", "--json")
     assert r.returncode == 0, r.stderr
     kv = json.loads(r.stderr.strip().splitlines()[-1])["kv"]
     assert kv["kv_merge"] and kv["tokens_merged"] > 0

@@ -5,7 +5,7 @@ import pydoc_data.topics
 import pytest
 
 from minicache_gguf import ConfigError, Llama, MergeConfig, _internals, kvstate, reference
-from minicache_gguf.config import merged_n_ubatch
+from minicache_gguf.config import MERGE_BLOCK, merged_n_ubatch
 from minicache_gguf.layout import expected_layout
 from minicache_gguf.llama import llama_cpp
 
@@ -100,14 +100,40 @@ def test_merge_step_runs_on_the_cache_backend(model_path, tokens, flash_attn):
     move rows (counted by the engine)."""
     llm = Llama(model_path, n_ctx=512, flash_attn=flash_attn, verbose=False, kv_merge=MergeConfig(calibration="paper", window=32))
     llm.eval(tokens[:200])
-    for t in tokens[200:230]:  # decoding steps: one token leaves the window per step
+    for t in tokens[200:230]:  # the first decoding step merges the 168 staged tokens beyond the window
         llm.eval([t])
     s = llm.kv_stats()
-    assert s.tokens_merged == 230 - 32 - 1 and s.tokens_retained > 0
+    assert s.tokens_merged == 200 - 32 and s.tokens_retained > 0
     assert s.host_rows == 0, s.host_rows
-    assert s.merge_graphs >= 30  # at least one per merging step
+    assert s.merge_graphs >= 2  # the distances, then the demoted directions and what is zeroed
     llm.save_state()
     assert llm.kv_stats().host_rows > 0  # the counter counts
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["flash_off", "flash_on"])
+def test_decoding_merges_once_per_block(model_path, tokens, flash_attn):
+    """A decoding sequence merges once per MERGE_BLOCK tokens: the merge step's graph computes,
+    host-to-device copies and waits (counted by the engine) happen only at the tokens that merge, and
+    each of those merges the block of staged tokens beyond the window; the other tokens add none."""
+    w, b, n0 = 32, MERGE_BLOCK, 100
+    llm = Llama(model_path, n_ctx=1024, flash_attn=flash_attn, verbose=False, kv_merge=MergeConfig(calibration="paper", window=w))
+    llm.eval(tokens[:n0])
+    assert llm.kv_stats().tokens_merged == 0  # the prompt fits the staging pool
+    counts = []
+    for t in tokens[n0:n0 + 3 * b + 1]:
+        s0 = llm.kv_stats()
+        llm.eval([t])
+        s1 = llm.kv_stats()
+        counts.append((s1.merge_graphs - s0.merge_graphs, s1.merge_uploads - s0.merge_uploads,
+                       s1.merge_syncs - s0.merge_syncs, s1.tokens_merged - s0.tokens_merged))
+    busy = [i for i, c in enumerate(counts) if any(c[:3])]
+    assert busy == [0, b, 2 * b, 3 * b], busy
+    assert [counts[i][3] for i in busy] == [n0 - w, b, b, b]
+    for i in busy:
+        graphs, uploads, syncs, _ = counts[i]
+        # the distances graph (and its read-back), the demoted directions, the zeroed rows and norms
+        assert 1 <= graphs <= 3 and syncs <= graphs + 1 and uploads >= 1, counts[i]
+    assert llm.kv_stats().tokens_staged <= w + b
 
 
 def test_flash_attention_on_and_off_agree(model_path, tokens):
@@ -157,7 +183,7 @@ def test_never_more_memory_than_stock(model_path, n_ctx):
     for cfg in (MergeConfig(calibration="paper"), MergeConfig(calibration="auto")):
         llm = Llama(model_path, n_ctx=n_ctx, verbose=False, kv_merge=cfg)
         s = llm.kv_stats()
-        assert s.staging_capacity == min(n_ctx, 256)
+        assert s.staging_capacity == min(n_ctx, 256 + MERGE_BLOCK)
         assert s.kv_bytes < stock, (cfg.calibration, n_ctx, s.kv_bytes, stock)
         llm.close()
 
@@ -181,7 +207,7 @@ def test_high_level_api(model_path):
     assert after_reset == first
     s = llm.kv_stats()
     assert s.tokens == s.tokens_merged + s.tokens_staged
-    assert s.tokens_staged <= cfg.window + 1
+    assert s.tokens_staged <= cfg.window + MERGE_BLOCK  # merged once per block
 
 
 def test_long_generation_crosses_the_window(model_path):
@@ -190,7 +216,7 @@ def test_long_generation_crosses_the_window(model_path):
     out = llm.create_completion("Once upon a time,", max_tokens=300, temperature=0.8, seed=1)
     assert out["usage"]["completion_tokens"] > 50
     s = llm.kv_stats()
-    assert s.tokens_merged >= s.tokens - cfg.window - 1 > 0
+    assert s.tokens_merged >= s.tokens - cfg.window - MERGE_BLOCK > 0
     assert s.tokens_retained == pytest.approx(min(np.ceil(0.1 * s.tokens_merged - 1e-7 * s.tokens_merged), s.retention_capacity))
 
 
@@ -310,15 +336,16 @@ def test_retention_over_many_steps_and_a_seq_rm_follows_the_streaming_rule(model
         staged.update(np.flatnonzero(_internals.get_cells(llm._ctx.ctx, pools[0][0], "k", 0, llm.n_tokens)[0] == 1).tolist())
         n_steps += 1
 
+    n_stage = max(w + MERGE_BLOCK, u)  # the staging pool: what a ubatch finds staged once it is full
     for i in range(0, 384, u):
         step(tokens[i:i + u])
     stats = llm.kv_stats()
-    assert stats.tokens_merged == 384 - u
+    assert stats.staging_capacity == n_stage and stats.tokens_merged == 384 - n_stage
     # the merge steps the calibration's simulation assumes for a prompt in ubatches of u (its last
-    # one is what the next token merges)
-    assert sizes + [u - w] == reference.merge_steps(384, w, u)
-    # seq_rm of the last 64 cells (48 staged + 16 merged), as llama-cpp-python does for a new suffix
-    cut = 384 - 64
+    # one is what the next token merges: the staged tokens beyond the window)
+    assert sizes + [n_stage - w] == reference.merge_steps(384, w, u, MERGE_BLOCK)
+    # seq_rm of the last 80 cells (64 staged + 16 merged), as llama-cpp-python does for a new suffix
+    cut = 384 - 80
     llm.n_tokens = cut
     for p in pools:
         refs[p].remove(range(cut, 384))
@@ -328,7 +355,7 @@ def test_retention_over_many_steps_and_a_seq_rm_follows_the_streaming_rule(model
     for i in range(0, 240, u):
         step(tokens[1000 + i:1000 + i + u])
     assert n_steps == 13
-    assert llm.kv_stats().tokens_merged == cut + 240 - u
+    assert llm.kv_stats().tokens_merged == cut + 240 - n_stage
     # the streaming rule is not a top-k over all merged cells: this run shows the difference
     p = pools[0]
     state, dist = _internals.get_cells(llm._ctx.ctx, p[0], p[1], 0, llm.n_tokens)
@@ -353,8 +380,8 @@ def test_a_failed_merge_step_is_completed_by_the_retry(model_path, tokens, monke
             monkeypatch.setenv("LLAMA_MINICACHE_FAIL_GRAPH", str(fail_at))
         llm = Llama(model_path, n_ctx=512, flash_attn=True, verbose=False, kv_merge=cfg)
         monkeypatch.delenv("LLAMA_MINICACHE_FAIL_GRAPH", raising=False)
-        llm.eval(tokens[:100])
-        graphs, failed = [], 0
+        llm.eval(tokens[:100])  # staged: the first decoding step merges the 68 beyond the window
+        graphs, failed = [llm.kv_stats().merge_graphs], 0
         for t in tokens[100:120]:
             try:
                 llm.eval([t])
@@ -369,8 +396,9 @@ def test_a_failed_merge_step_is_completed_by_the_retry(model_path, tokens, monke
         return graphs, failed, logits, rows, cells, llm.kv_stats()
 
     graphs, _, logits, rows, cells, stats = run()
-    assert graphs[10] - graphs[9] == 3  # one decoding step that merges: three graphs
-    fail_at = graphs[9] + ("stats", "round0", "round1").index(failing)
+    assert graphs[1] - graphs[0] == 3  # one decoding step that merges: three graphs
+    assert graphs[-1] == graphs[1]  # the next 19 merge nothing (a block is 32)
+    fail_at = graphs[0] + ("stats", "round0", "round1").index(failing)
     _, failed, logits2, rows2, cells2, stats2 = run(fail_at)
     assert failed == 1
     assert stats2.tokens_merged == stats.tokens_merged and stats2.tokens_retained == stats.tokens_retained
@@ -430,7 +458,9 @@ def test_degenerate_rows_follow_the_reference_contract(model_path, tokens, flash
                 c.pools[i].rows = (x0[k].tobytes(), x1[k].tobytes())
             rows[(a, kind)] = (x0, x1)
         kvstate.set_seq_state(llama_cpp, llm._ctx.ctx, mcstate.serialize(st, row))
-        llm.eval(tokens[n:n + 1])  # the oldest n - w cells leave the window and are merged
+        # enough new tokens to stage more than window + block: the oldest n - w cells are merged
+        n1 = w + MERGE_BLOCK + 1
+        llm.eval(tokens[n:n1])
         assert llm.kv_stats().tokens_merged == n_m
 
         for (a, kind), (x0, x1) in rows.items():
@@ -439,13 +469,13 @@ def test_degenerate_rows_follow_the_reference_contract(model_path, tokens, flash
             assert ref.dist[3] == 0.0 and ref.dist[4] == 0.0
             keep = reference.retain_select(ref.dist, gamma)
             assert keep.sum() == (3 if gamma else 0) and (not gamma or keep[:3].all())
-            state, dist = _internals.get_cells(llm._ctx.ctx, a, kind, 0, n + 1)
+            state, dist = _internals.get_cells(llm._ctx.ctx, a, kind, 0, n1)
             assert np.array_equal(state[:n_m] == 3, keep), (a, kind, gamma)
             np.testing.assert_allclose(dist[:n_m], ref.dist, atol=2e-6)
             for layer, x, norm in ((a, x0, ref.norm0), (pairs[a], x1, ref.norm1)):
                 want = reference.restore(ref.dir, norm, out_dtype=np.float16).astype(np.float32)
                 want[keep] = x[:n_m][keep]
-                got = _internals.get_rows(llm._ctx.ctx, layer, kind, 0, n + 1, N_EMBD)
+                got = _internals.get_rows(llm._ctx.ctx, layer, kind, 0, n1, N_EMBD)
                 np.testing.assert_allclose(got[:n_m], want, rtol=1e-3, atol=1e-3 * np.nanmax(np.abs(want[5:])),
                                            equal_nan=True, err_msg=f"layer {layer} {kind} gamma {gamma}")
                 assert np.array_equal(np.isnan(got[:n_m]), np.isnan(want))

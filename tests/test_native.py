@@ -431,10 +431,14 @@ def test_streaming_retention_of_one_step_is_the_top_k():
     d = rng.random(1000).astype(np.float32)
     for mode in ("topk", "threshold"):
         assert np.array_equal(reference.stream_retained(d, [1000], 0.05, mode=mode), reference.retain_select(d, 0.05, mode))
-    assert reference.merge_steps(1000, 256, 256) == [256, 256, 232]
-    # staging pool of 48: each ubatch of 48 merges the 48 staged before it; the last ubatch (40)
-    # merges 40; the next token leaves the window of 32: 16 more
-    assert reference.merge_steps(1000, 32, 48) == [48] * 19 + [40, 16]
-    many = reference.stream_retained(d[:968], reference.merge_steps(1000, 32, 48), 0.05)
+    # window 256, block 32: a staging pool of 288; the second ubatch merges what the pool cannot hold
+    # (224), each later one as many as it brings; the next token finds 288 staged: the 32 beyond the window
+    assert reference.merge_steps(1000, 256, 256, 32) == [224, 256, 232, 32]
+    # window 32, block 32, ubatches of 48: a pool of 64; the second ubatch merges 32, each later one
+    # 48, the last (40) 40; the next token finds 64 staged: the 32 beyond the window
+    assert reference.merge_steps(1000, 32, 48, 32) == [32] + [48] * 18 + [40, 32]
+    # block 0: every step merges what leaves the window (a decoding token merges one)
+    assert reference.merge_steps(1000, 32, 48, 0) == [48] * 19 + [40, 16]
+    many = reference.stream_retained(d[:968], reference.merge_steps(1000, 32, 48, 32), 0.05)
     assert many.sum() == reference.retain_count(968, 0.05)
     assert not np.array_equal(many, reference.retain_select(d[:968], 0.05))

@@ -34,7 +34,7 @@ def small(model_path, **kw):
 
 def merged_blob(llm, toks, n=200):
     llm.eval(toks[:n])
-    llm.eval(toks[n:n + 1])  # the tokens past the window are merged
+    llm.eval(toks[n:n + 1])  # the tokens past the window are merged, but for up to a block (32) of them
     return kvstate.get_seq_state(llama_cpp, llm._ctx.ctx)
 
 
@@ -90,10 +90,16 @@ def test_forged_state_all_merged_with_slots_is_refused(model_path, toks):
 
 
 def test_state_into_another_n_ctx_or_n_ubatch_is_refused(model_path, toks):
-    llm = small(model_path)
+    b = dict(n_batch=128)  # llama-cpp-python's own state holds n_batch rows of logits
+    llm = small(model_path, **b)
     llm.create_completion(llm.detokenize(toks[:300]).decode(errors="ignore"), max_tokens=4, temperature=0)
     state = llm.save_state()
-    for kw in (dict(n_ctx=2048), dict(n_ubatch=32)):
+    # an n_ubatch within window + block (64) leaves the layout as it is: the state loads
+    same = small(model_path, n_ubatch=32, **b)
+    same.load_state(state)
+    assert same.n_tokens == llm.n_tokens
+    # one beyond it grows the staging pool: another layout
+    for kw in (dict(n_ctx=2048, **b), dict(n_ubatch=96, **b)):
         other = small(model_path, **kw)
         with pytest.raises(RuntimeError, match=r"refused the state: .*another MiniCache layout.*same n_ctx, n_ubatch"):
             other.load_state(state)

@@ -55,7 +55,7 @@ def test_merged_cache_on_an_rpc_server(model_path, tmp_path, rpc_server, layout,
     assert rpc["tokens_merged"] == loc["tokens_merged"] > 150 and rpc["tokens_retained"] > 0
     assert (rpc["aligned_pools"] > 0) == (layout == "aligned")
     # the merge step ran as graphs on the server: no row was copied to or from the client
-    assert rpc["host_rows"] == 0 and rpc["merge_graphs"] >= 24
+    assert rpc["host_rows"] == 0 and rpc["merge_graphs"] >= 2
     # the same ops on the same CPU kernels, on the other side of a socket: equal (measured: bit for bit)
     assert res["argmax_equal"] and res["max_abs_diff"] <= 1e-3, res["max_abs_diff"]
     assert rpc["text"] == loc["text"]

@@ -90,6 +90,8 @@ extern "C" {
         int64_t host_rows;        // rows copied between the host and the merged pools so far (state save/load and
                                   // llama_minicache_get_rows only: the merge step runs on the pools' backend)
         int64_t merge_graphs;     // graphs the merge step computed on that backend so far
+        int64_t merge_uploads;    // host-to-device copies the merge step made so far (index and value arrays)
+        int64_t merge_syncs;      // times the merge step waited for its backend so far (graph computes, read-backs)
     };
 
     LLAMA_API struct llama_minicache_params llama_minicache_default_params(void);

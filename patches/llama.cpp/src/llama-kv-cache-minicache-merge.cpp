@@ -13,9 +13,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <set>
 #include <stdexcept>
 #include <string>
+
+// nodes of one merge-step graph: at most this many per pool (gathers, the merge, scatters), plus a fixed part
+static constexpr size_t MC_GRAPH_NODES_PER_POOL = 256;
+static constexpr size_t MC_GRAPH_NODES_FIXED    = 64;
 
 //
 // the merge step on the device: small graphs of ggml ops on the backend holding the pool tensors, so
@@ -159,7 +164,7 @@ void llama_kv_minicache::check_merge_graphs() {
     // step runs on each backend, checked before the context is used
     for (size_t ib = 0; ib < backends.size(); ++ib) {
         const std::vector<size_t> mine = pools_on(ib);
-        const size_t n_graph = 64 + 256*pools.size();
+        const size_t n_graph = MC_GRAPH_NODES_FIXED + MC_GRAPH_NODES_PER_POOL*pools.size();
         ggml_init_params ip0 = { ggml_tensor_overhead()*n_graph + ggml_graph_overhead_custom(n_graph, false), nullptr, true };
         ggml_context_ptr ctx_ptr(ggml_init(ip0));
         ggml_context * ctx = ctx_ptr.get();
@@ -264,11 +269,13 @@ void llama_kv_minicache::compute(size_t ib, ggml_cgraph * gf, const std::vector<
     }
     for (const auto & in : inputs) {
         ggml_backend_tensor_set(in.first, in.second.data(), 0, in.second.size());
+        n_uploads++;
     }
     if (n_graphs == fail_graph) {
         fail_graph = -1;
         throw std::runtime_error(format("the merge step failed on the %s backend (LLAMA_MINICACHE_FAIL_GRAPH)", ggml_backend_name(be.backend)));
     }
+    n_syncs++; // ggml_backend_graph_compute returns once the graph has run
     if (ggml_backend_graph_compute(be.backend, gf) != GGML_STATUS_SUCCESS) {
         throw std::runtime_error(format("the merge step failed on the %s backend", ggml_backend_name(be.backend)));
     }
@@ -452,10 +459,11 @@ void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merg
         if (mine.empty()) {
             continue;
         }
-        ggml_init_params ip0 = { ggml_tensor_overhead()*(256*mine.size() + 16) + ggml_graph_overhead_custom(256*mine.size(), false), nullptr, true };
+        const size_t n_graph = MC_GRAPH_NODES_PER_POOL*mine.size();
+        ggml_init_params ip0 = { ggml_tensor_overhead()*(n_graph + 16) + ggml_graph_overhead_custom(n_graph, false), nullptr, true };
         ggml_context_ptr ctx_ptr(ggml_init(ip0)); // freed on every path out, errors included
         ggml_context * ctx = ctx_ptr.get();
-        ggml_cgraph * gf = ggml_new_graph_custom(ctx, 256*mine.size(), false);
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_graph, false);
         std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> inputs;
         // the pools of one row width share the merge's ops (their rows side by side): while decoding
         // each pool merges one row, and a graph of per-pool ops is mostly per-op overhead
@@ -484,6 +492,7 @@ void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merg
         compute(ib, gf, inputs);
         std::vector<float> buf(ggml_nelements(out));
         ggml_backend_tensor_get(out, buf.data(), 0, ggml_nbytes(out));
+        n_syncs++;
         size_t off = 0;
         for (const auto & g : groups) {
             const int64_t nn = n*(int64_t) g.size();
@@ -522,6 +531,24 @@ void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merg
 }
 
 void llama_kv_minicache::flush() {
+    // norms the tensors already hold need no write (a new token's slot, a cell released twice)
+    for (auto & p : pools) {
+        std::vector<uint32_t> stale;
+        for (uint32_t c : p.pend_norm) {
+            bool same = true;
+            for (int x = 0; x < 2; ++x) {
+                const float v = norm_value(p, c, x);
+                same = same && memcmp(&v, &p.norm_dev[x][c], sizeof(float)) == 0;
+            }
+            if (same) {
+                p.norm_pending[c] = 0;
+            } else {
+                stale.push_back(c);
+            }
+        }
+        p.pend_norm.swap(stale);
+    }
+
     bool any = false;
     for (const auto & p : pools) {
         any = any || !p.pend_demote.empty() || !p.pend_zero_slots.empty() || !p.pend_zero_cells.empty() || !p.pend_norm.empty();
@@ -546,7 +573,7 @@ void llama_kv_minicache::flush() {
     // pending exactly what has not been written, and the next flush completes it.
     for (int round = 0; round < 2; ++round) {
         for (size_t ib = 0; ib < backends.size(); ++ib) {
-            const size_t n_graph = 64 + 256*pools.size();
+            const size_t n_graph = MC_GRAPH_NODES_FIXED + MC_GRAPH_NODES_PER_POOL*pools.size();
             ggml_init_params ip0 = { ggml_tensor_overhead()*n_graph + ggml_graph_overhead_custom(n_graph, false), nullptr, true };
             ggml_context_ptr ctx_ptr(ggml_init(ip0));
             ggml_context * ctx = ctx_ptr.get();
@@ -624,6 +651,11 @@ void llama_kv_minicache::flush() {
     }
 
     for (auto & p : pools) {
+        for (uint32_t c : p.pend_norm) {
+            for (int x = 0; x < 2; ++x) {
+                p.norm_dev[x][c] = norm_value(p, c, x);
+            }
+        }
         drop_pending(p);
     }
 }

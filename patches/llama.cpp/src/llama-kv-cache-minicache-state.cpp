@@ -291,6 +291,7 @@ void llama_kv_minicache::state_read_checked(llama_io_read_i & io, const llama_kv
     try {
         state_read_cells(io, cells);
         rebuild_free_slots();
+        rebuild_stage_list();
         flush();
     } catch (...) {
         // a refused state leaves no trace: its cells read as empty
@@ -298,6 +299,7 @@ void llama_kv_minicache::state_read_checked(llama_io_read_i & io, const llama_kv
         for (uint32_t c : cells) {
             release_cell(c);
         }
+        rebuild_stage_list();
         flush();
         throw;
     }
@@ -427,6 +429,8 @@ void llama_kv_minicache::fill_stats(llama_minicache_stats & st) const {
     st.n_retained   = 0;
     st.host_rows    = n_host_rows;
     st.merge_graphs = n_graphs;
+    st.merge_uploads = n_uploads;
+    st.merge_syncs  = n_syncs;
     for (const auto & p : pools) {
         for (uint32_t s = 0; s < n_slots; ++s) {
             const int32_t c = p.cell_of_slot[s];

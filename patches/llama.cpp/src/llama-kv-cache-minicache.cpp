@@ -121,18 +121,7 @@ llama_kv_minicache::llama_kv_minicache(
 
     const int32_t n_layer = (int32_t) hparams.n_layer();
 
-    if (const char * s = getenv("LLAMA_MINICACHE_FAIL_GRAPH")) {
-        fail_graph = atoll(s);
-    }
-    if (const char * s = getenv("LLAMA_MINICACHE_REFUSE_OPS"); s && *s) {
-        refuse_ops = std::string(",") + s + ",";
-    }
-    if (const char * s = getenv("LLAMA_MINICACHE_OPS_LOG")) {
-        ops_log = s;
-    }
-    if (const char * s = getenv("LLAMA_MINICACHE_RESTORE")) {
-        force_restore = atoi(s) != 0;
-    }
+    read_test_env();
     fold_ok.assign(n_layer, force_restore ? 0 : 1);
 
     if (hparams.swa_type != LLAMA_SWA_TYPE_NONE || hparams.is_swa_any()) {
@@ -142,41 +131,13 @@ llama_kv_minicache::llama_kv_minicache(
         throw std::runtime_error("models with multi-head latent attention (MLA) are not supported");
     }
 
-    // the merged (pair, kind) list: explicit, or every pair from start_layer up in the kinds asked for
-    std::vector<llama_minicache_pair_spec> todo = specs;
-    if (todo.empty()) {
-        const int32_t s0 = params.start_layer < 0 ? n_layer/2 : params.start_layer;
-        if (n_layer < 2 || s0 > n_layer - 2) {
-            throw std::runtime_error(format("start_layer=%d is not valid for this model (%d layers): expected 0 <= start_layer <= %d",
-                    s0, n_layer, n_layer - 2));
-        }
-        for (int32_t a = s0; a + 1 < n_layer; a += 2) {
-            for (int kind = 0; kind < 2; ++kind) {
-                if (kind == KIND_K ? params.merge_k : params.merge_v) {
-                    todo.push_back({ kind, a, LLAMA_MINICACHE_ROT_NONE, {} });
-                }
-            }
-        }
-    }
-
-    for (const auto & q : todo) {
-        const char kc = q.kind == KIND_K ? 'K' : 'V';
-        const ggml_type type = type_of(q.kind);
-        if (!mc_supported(type)) {
-            throw std::runtime_error(format("type_%c=%s is not supported when merging %c: "
-                    "use f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1 or iq4_nl",
-                    q.kind == KIND_K ? 'k' : 'v', ggml_type_name(type), kc));
-        }
-        if (q.kind == KIND_V && ggml_is_quantized(type) && v_trans) {
-            throw std::runtime_error(format("type_v=%s needs flash attention (a quantized V cache is not stored transposed)",
-                    ggml_type_name(type)));
-        }
-    }
+    const std::vector<llama_minicache_pair_spec> todo = pair_list(n_layer);
+    check_types(todo);
 
     // a ubatch never holds more tokens than the cache has cells. Each sequence keeps its own window;
     // the sequences' retained tokens share one pool (the sum of their ceil(gamma * merged) counts)
     n_seq        = std::max<uint32_t>(1, n_seq_max);
-    n_stage      = std::min<uint32_t>(std::max(params.window, params.n_ubatch), kv_size);
+    n_stage      = std::min<uint32_t>(std::max(params.window + LLAMA_MINICACHE_MERGE_BLOCK, params.n_ubatch), kv_size);
     n_stage_all  = (uint32_t) std::min<uint64_t>((uint64_t) n_seq*n_stage, kv_size);
     n_retain_max = std::min<uint32_t>(mc_retain_count(kv_size, params.gamma) + n_seq - 1, kv_size);
     n_slots      = n_stage_all + n_retain_max;
@@ -190,77 +151,11 @@ llama_kv_minicache::llama_kv_minicache(
     start_layer = n_layer;
 
     for (const auto & q : todo) {
-        const int kind = q.kind;
-        const char kc  = kind == KIND_K ? 'K' : 'V';
         const int32_t a = q.il;
         const int32_t b = a + 1;
-        if (b >= n_layer) {
-            throw std::runtime_error(format("%c pair (%d, %d) is not valid for this model (%d layers): expected 0 <= layer <= %d",
-                    kc, a, b, n_layer, n_layer - 2));
-        }
-        if (pool_of[2*a + kind] >= 0 || pool_of[2*b + kind] >= 0) {
-            throw std::runtime_error(format("%c pair (%d, %d) overlaps another %c pair: each layer is merged at most once per kind",
-                    kc, a, b, kc));
-        }
-        if (!hparams.has_kv(a) || !hparams.has_kv(b)) {
-            throw std::runtime_error(format("layers %d and %d do not both have a KV cache: cannot merge them", a, b));
-        }
-        const uint32_t ne_a = kind == KIND_K ? hparams.n_embd_k_gqa(a) : hparams.n_embd_v_gqa(a);
-        const uint32_t ne_b = kind == KIND_K ? hparams.n_embd_k_gqa(b) : hparams.n_embd_v_gqa(b);
-        const uint32_t nh_a = kind == KIND_K ? hparams.n_embd_head_k(a) : hparams.n_embd_head_v(a);
-        const uint32_t nh_b = kind == KIND_K ? hparams.n_embd_head_k(b) : hparams.n_embd_head_v(b);
-        if (ne_a != ne_b || nh_a != nh_b) {
-            throw std::runtime_error(format("layers %d and %d have different %c widths (%u, %u): cannot merge them",
-                    a, b, kc, ne_a, ne_b));
-        }
-        if (nh_a % ggml_blck_size(type_of(kind)) != 0) {
-            throw std::runtime_error(format("%c heads of %u values do not hold whole %s blocks of %lld: cannot merge layers %d and %d in this type",
-                    kc, nh_a, ggml_type_name(type_of(kind)), (long long) ggml_blck_size(type_of(kind)), a, b));
-        }
+        pool p = make_pool(q, n_layer);
 
-        pool p;
-        p.kind        = kind;
-        p.il[0]       = a;
-        p.il[1]       = b;
-        p.n_embd      = ne_a;
-        p.n_embd_head = nh_a;
-        p.n_head_kv   = ne_a/nh_a;
-        p.n_head      = hparams.n_head(a);
-        if (hparams.n_head(b) != p.n_head) {
-            throw std::runtime_error(format("layers %d and %d have different head counts (%u, %u): cannot merge them",
-                    a, b, p.n_head, hparams.n_head(b)));
-        }
-        p.rot         = q.rot;
-
-        if (q.rot != LLAMA_MINICACHE_ROT_NONE) {
-            const uint32_t d  = p.n_embd;
-            const uint32_t dh = p.n_embd_head;
-            const size_t   n_expected = q.rot == LLAMA_MINICACHE_ROT_FULL ? (size_t) d*d : (size_t) d*dh;
-            if (q.r.size() != n_expected) {
-                throw std::runtime_error(format("%c pair (%d, %d): the rotation holds %zu values, expected %zu (%s, %c rows of %u = %u heads x %u)",
-                        kc, a, b, q.r.size(), n_expected, q.rot == LLAMA_MINICACHE_ROT_FULL ? "full" : "per head", kc, d, p.n_head_kv, dh));
-            }
-            p.r       = q.r;
-            p.r_block = q.rot == LLAMA_MINICACHE_ROT_FULL ? d : dh;
-            const double err_max = mc_orthogonality_error(p.r, p.r_block);
-            if (!(err_max <= 1e-3)) {
-                throw std::runtime_error(format("%c pair (%d, %d): the rotation is not orthogonal (max |R R^T - I| = %.3g, expected <= 1e-3)",
-                        kc, a, b, err_max));
-            }
-            p.r_hash = fnv1a(q.r.data(), q.r.size()*sizeof(float), fnv1a(&q.rot, sizeof(q.rot)));
-        }
-
-        p.slot_of_cell.assign(kv_size, -1);
-        p.cell_of_slot.assign(n_slots, -1);
-        p.dist.assign(kv_size, 0.0f);
-        p.norm_host[0].assign(kv_size, 0.0f);
-        p.norm_host[1].assign(kv_size, 0.0f);
-        p.norm_pending.assign(kv_size, 0);
-        for (uint32_t s = 0; s < n_slots; ++s) {
-            p.free_slots.push((int32_t) s);
-        }
-
-        pool_of[2*a + kind] = pool_of[2*b + kind] = (int32_t) pools.size();
+        pool_of[2*a + q.kind] = pool_of[2*b + q.kind] = (int32_t) pools.size();
         pools.push_back(std::move(p));
 
         if (!pair_used[a]) {
@@ -277,6 +172,133 @@ llama_kv_minicache::llama_kv_minicache(
     staged.assign(kv_size, 0);
     merged.assign(kv_size, 0);
     stage_seq.assign(kv_size, 0);
+}
+
+void llama_kv_minicache::read_test_env() {
+    if (const char * s = getenv("LLAMA_MINICACHE_FAIL_GRAPH")) {
+        fail_graph = atoll(s);
+    }
+    if (const char * s = getenv("LLAMA_MINICACHE_REFUSE_OPS"); s && *s) {
+        refuse_ops = std::string(",") + s + ",";
+    }
+    if (const char * s = getenv("LLAMA_MINICACHE_OPS_LOG")) {
+        ops_log = s;
+    }
+    if (const char * s = getenv("LLAMA_MINICACHE_RESTORE")) {
+        force_restore = atoi(s) != 0;
+    }
+}
+
+std::vector<llama_minicache_pair_spec> llama_kv_minicache::pair_list(int32_t n_layer) const {
+    // the merged (pair, kind) list: explicit, or every pair from start_layer up in the kinds asked for
+    std::vector<llama_minicache_pair_spec> todo = specs;
+    if (todo.empty()) {
+        const int32_t s0 = params.start_layer < 0 ? n_layer/2 : params.start_layer;
+        if (n_layer < 2 || s0 > n_layer - 2) {
+            throw std::runtime_error(format("start_layer=%d is not valid for this model (%d layers): expected 0 <= start_layer <= %d",
+                    s0, n_layer, n_layer - 2));
+        }
+        for (int32_t a = s0; a + 1 < n_layer; a += 2) {
+            for (int kind = 0; kind < 2; ++kind) {
+                if (kind == KIND_K ? params.merge_k : params.merge_v) {
+                    todo.push_back({ kind, a, LLAMA_MINICACHE_ROT_NONE, {} });
+                }
+            }
+        }
+    }
+    return todo;
+}
+
+void llama_kv_minicache::check_types(const std::vector<llama_minicache_pair_spec> & todo) const {
+    for (const auto & q : todo) {
+        const char kc = q.kind == KIND_K ? 'K' : 'V';
+        const ggml_type type = type_of(q.kind);
+        if (!mc_supported(type)) {
+            throw std::runtime_error(format("type_%c=%s is not supported when merging %c: "
+                    "use f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1 or iq4_nl",
+                    q.kind == KIND_K ? 'k' : 'v', ggml_type_name(type), kc));
+        }
+        if (q.kind == KIND_V && ggml_is_quantized(type) && v_trans) {
+            throw std::runtime_error(format("type_v=%s needs flash attention (a quantized V cache is not stored transposed)",
+                    ggml_type_name(type)));
+        }
+    }
+}
+
+llama_kv_minicache::pool llama_kv_minicache::make_pool(const llama_minicache_pair_spec & q, int32_t n_layer) const {
+    const int kind = q.kind;
+    const char kc  = kind == KIND_K ? 'K' : 'V';
+    const int32_t a = q.il;
+    const int32_t b = a + 1;
+    if (b >= n_layer) {
+        throw std::runtime_error(format("%c pair (%d, %d) is not valid for this model (%d layers): expected 0 <= layer <= %d",
+                kc, a, b, n_layer, n_layer - 2));
+    }
+    if (pool_of[2*a + kind] >= 0 || pool_of[2*b + kind] >= 0) {
+        throw std::runtime_error(format("%c pair (%d, %d) overlaps another %c pair: each layer is merged at most once per kind",
+                kc, a, b, kc));
+    }
+    if (!hparams.has_kv(a) || !hparams.has_kv(b)) {
+        throw std::runtime_error(format("layers %d and %d do not both have a KV cache: cannot merge them", a, b));
+    }
+    const uint32_t ne_a = kind == KIND_K ? hparams.n_embd_k_gqa(a) : hparams.n_embd_v_gqa(a);
+    const uint32_t ne_b = kind == KIND_K ? hparams.n_embd_k_gqa(b) : hparams.n_embd_v_gqa(b);
+    const uint32_t nh_a = kind == KIND_K ? hparams.n_embd_head_k(a) : hparams.n_embd_head_v(a);
+    const uint32_t nh_b = kind == KIND_K ? hparams.n_embd_head_k(b) : hparams.n_embd_head_v(b);
+    if (ne_a != ne_b || nh_a != nh_b) {
+        throw std::runtime_error(format("layers %d and %d have different %c widths (%u, %u): cannot merge them",
+                a, b, kc, ne_a, ne_b));
+    }
+    if (nh_a % ggml_blck_size(type_of(kind)) != 0) {
+        throw std::runtime_error(format("%c heads of %u values do not hold whole %s blocks of %lld: cannot merge layers %d and %d in this type",
+                kc, nh_a, ggml_type_name(type_of(kind)), (long long) ggml_blck_size(type_of(kind)), a, b));
+    }
+
+    pool p;
+    p.kind        = kind;
+    p.il[0]       = a;
+    p.il[1]       = b;
+    p.n_embd      = ne_a;
+    p.n_embd_head = nh_a;
+    p.n_head_kv   = ne_a/nh_a;
+    p.n_head      = hparams.n_head(a);
+    if (hparams.n_head(b) != p.n_head) {
+        throw std::runtime_error(format("layers %d and %d have different head counts (%u, %u): cannot merge them",
+                a, b, p.n_head, hparams.n_head(b)));
+    }
+    p.rot         = q.rot;
+
+    if (q.rot != LLAMA_MINICACHE_ROT_NONE) {
+        const uint32_t d  = p.n_embd;
+        const uint32_t dh = p.n_embd_head;
+        const size_t   n_expected = q.rot == LLAMA_MINICACHE_ROT_FULL ? (size_t) d*d : (size_t) d*dh;
+        if (q.r.size() != n_expected) {
+            throw std::runtime_error(format("%c pair (%d, %d): the rotation holds %zu values, expected %zu (%s, %c rows of %u = %u heads x %u)",
+                    kc, a, b, q.r.size(), n_expected, q.rot == LLAMA_MINICACHE_ROT_FULL ? "full" : "per head", kc, d, p.n_head_kv, dh));
+        }
+        p.r       = q.r;
+        p.r_block = q.rot == LLAMA_MINICACHE_ROT_FULL ? d : dh;
+        const double err_max = mc_orthogonality_error(p.r, p.r_block);
+        if (!(err_max <= 1e-3)) {
+            throw std::runtime_error(format("%c pair (%d, %d): the rotation is not orthogonal (max |R R^T - I| = %.3g, expected <= 1e-3)",
+                    kc, a, b, err_max));
+        }
+        p.r_hash = fnv1a(q.r.data(), q.r.size()*sizeof(float), fnv1a(&q.rot, sizeof(q.rot)));
+    }
+
+    p.slot_of_cell.assign(kv_size, -1);
+    p.cell_of_slot.assign(n_slots, -1);
+    p.dist.assign(kv_size, 0.0f);
+    p.norm_host[0].assign(kv_size, 0.0f);
+    p.norm_host[1].assign(kv_size, 0.0f);
+    p.norm_dev[0].assign(kv_size, 0.0f); // the buffers start cleared (init_norms() writes layer b's)
+    p.norm_dev[1].assign(kv_size, 0.0f);
+    p.norm_pending.assign(kv_size, 0);
+    for (uint32_t s = 0; s < n_slots; ++s) {
+        p.free_slots.push((int32_t) s);
+    }
+
+    return p;
 }
 
 llama_kv_minicache::~llama_kv_minicache() {
@@ -466,10 +488,22 @@ void llama_kv_minicache::free_slot(pool & p, int32_t s) {
 }
 
 float llama_kv_minicache::norm_value(const pool & p, uint32_t c, int x) const {
-    if (p.slot_of_cell[c] >= 0) {
+    // a cell with a slot, or an empty one (its dir row is zero): layer a 0, layer b 1
+    if (p.slot_of_cell[c] >= 0 || !merged[c]) {
         return x == 0 ? 0.0f : 1.0f;
     }
-    return merged[c] ? p.norm_host[x][c] : 0.0f;
+    return p.norm_host[x][c];
+}
+
+void llama_kv_minicache::init_norms() {
+    for (auto & p : pools) {
+        for (int x = 0; x < 2; ++x) {
+            std::fill(p.norm_dev[x].begin(), p.norm_dev[x].end(), x == 0 ? 0.0f : 1.0f);
+            if (p.norm[x]->buffer) {
+                ggml_backend_tensor_set(p.norm[x], p.norm_dev[x].data(), 0, ggml_nbytes(p.norm[x]));
+            }
+        }
+    }
 }
 
 void llama_kv_minicache::sync_norm(pool & p, uint32_t c) const {
@@ -532,8 +566,11 @@ void llama_kv_minicache::forget_freed(const llama_kv_cells & cells) {
 }
 
 void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector<uint32_t> & new_cells, const llama_ubatch & ubatch) {
-    // cells freed since the last ubatch (seq_rm, clear, ...) give their slots back
-    release_freed(cells);
+    // cells freed since the last ubatch (seq_rm, clear, ...) give their slots back. Every occupied
+    // cell is staged or merged, so while the counts agree no cell was freed and none is scanned
+    if (cells.get_used() != n_staged_cur + n_merged_cur) {
+        release_freed(cells);
+    }
 
     for (uint32_t c : new_cells) {
         release_cell(c); // overwritten
@@ -552,10 +589,17 @@ void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector
         }
     }
 
-    // per sequence that receives tokens: its tokens leaving its window, and enough of its oldest to
-    // make room for the new ones (a single sequence's rule, applied to each sequence on its own)
+    // dead entries go once they outnumber the live ones
+    if (stage_list.size() > 2*(size_t) n_staged_cur + 64) {
+        stage_list.erase(std::remove_if(stage_list.begin(), stage_list.end(),
+                [this](const std::pair<uint32_t, uint64_t> & e) { return !is_staged_entry(e); }), stage_list.end());
+    }
+
+    // per sequence that receives tokens and would stage more than window + block: its tokens beyond
+    // its window, and enough of its oldest to make room for the new ones (a single sequence's rule,
+    // applied to each sequence on its own)
     std::vector<uint32_t>     to_merge;
-    std::vector<uint8_t>      chosen(kv_size, 0);
+    std::vector<uint8_t>      chosen; // per cell, once a sequence merges
     std::vector<llama_seq_id> stepped;
     for (const auto & [seq_id, n_seq_new] : n_new_of) {
         if (n_seq_new > n_stage) {
@@ -563,19 +607,23 @@ void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector
                     n_seq_new, seq_id, n_stage));
         }
         std::vector<uint32_t> order;
-        for (uint32_t c = 0; c < kv_size; ++c) {
-            if (staged[c] && cells.seq_has(c, seq_id)) {
-                order.push_back(c);
+        for (const auto & e : stage_list) {
+            if (is_staged_entry(e) && cells.seq_has(e.first, seq_id)) {
+                order.push_back(e.first);
             }
         }
+        // merged only once the sequence would stage more than window + block tokens: then every token
+        // beyond the window, and more if the new ones need the room; a decoding sequence merges once per block
         const int64_t n_staged      = (int64_t) order.size();
         const int64_t n_over_window = n_staged - params.window;
         const int64_t n_over_pool   = n_staged + n_seq_new - n_stage;
-        const int64_t n_merge       = std::max<int64_t>({ 0, n_over_window, n_over_pool });
+        const bool    due           = n_staged + n_seq_new > (int64_t) params.window + LLAMA_MINICACHE_MERGE_BLOCK;
+        const int64_t n_merge       = due ? std::max<int64_t>({ 0, n_over_window, n_over_pool }) : 0;
         if (n_merge == 0) {
             continue;
         }
         std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return stage_seq[a] < stage_seq[b]; });
+        chosen.resize(kv_size, 0);
         for (int64_t i = 0; i < n_merge; ++i) {
             if (!chosen[order[i]]) {
                 chosen[order[i]] = 1;
@@ -612,6 +660,7 @@ void llama_kv_minicache::prepare(const llama_kv_cells & cells, const std::vector
         staged[c]    = 1;
         stage_seq[c] = stage_counter++;
         n_staged_cur++;
+        stage_list.emplace_back(c, stage_seq[c]);
         for (auto & p : pools) {
             take_slot(p, c);
         }
@@ -673,6 +722,17 @@ void llama_kv_minicache::retain(pool & p, const llama_kv_cells & cells, llama_se
     }
 }
 
+void llama_kv_minicache::rebuild_stage_list() {
+    stage_list.clear();
+    for (uint32_t c = 0; c < kv_size; ++c) {
+        if (staged[c]) {
+            stage_list.emplace_back(c, stage_seq[c]);
+        }
+    }
+    std::sort(stage_list.begin(), stage_list.end(),
+            [](const std::pair<uint32_t, uint64_t> & a, const std::pair<uint32_t, uint64_t> & b) { return a.second < b.second; });
+}
+
 void llama_kv_minicache::clear() {
     // every cell and slot back to the state of a new cache, tensors zeroed in bulk
     for (auto & p : pools) {
@@ -698,7 +758,9 @@ void llama_kv_minicache::clear() {
     n_staged_cur  = 0;
     n_merged_cur  = 0;
     stage_counter = 0;
+    stage_list.clear();
 
-    // the cache clears its buffers with the data: the rotations are written again
+    // the cache clears its buffers with the data: the rotations and the empty cells' norms are written again
     upload_rotations();
+    init_norms();
 }

@@ -60,6 +60,14 @@ class llama_io_read_i;
 // attention: the folded attention is the plain softmax one); larger ones restore K/V
 #define LLAMA_MINICACHE_FOLD_MAX_TOKENS 32
 
+// tokens a sequence stages beyond its window before it merges: it merges only when it would stage more
+// than window + block tokens, then everything beyond its window at once, so a decoding sequence merges
+// once per block (staging capacity max(window + block, n_ubatch); minicache_gguf.config.MERGE_BLOCK)
+#define LLAMA_MINICACHE_MERGE_BLOCK 32
+
+// nodes one merged pool adds to the main graph at most (both attention paths, rotations, gathers)
+#define LLAMA_MINICACHE_ATTN_NODES_PER_POOL 64
+
 // one merged (layer pair, kind) as configured, with its rotation (see llama_minicache_pair)
 struct llama_minicache_pair_spec {
     int32_t            kind;
@@ -118,7 +126,7 @@ public:
     size_t n_tensors() const;
 
     // graph nodes the merged layers add at most (both attention paths, rotations, gathers)
-    uint32_t n_graph_nodes() const { return 64*(uint32_t) pools.size(); }
+    uint32_t n_graph_nodes() const { return LLAMA_MINICACHE_ATTN_NODES_PER_POOL*(uint32_t) pools.size(); }
 
     // create the tensors in the (no_alloc) context of each layer's buffer type
     void create_tensors(const std::function<ggml_context * (int32_t il)> & ctx_of_layer);
@@ -132,6 +140,10 @@ public:
     void check_merge_ops();
 
     void upload_rotations();
+
+    // the norm tensors' values of empty cells (0 for layer a, 1 for layer b: a staged cell reads that
+    // too, so a new token's slot needs no norm write); after the buffers are allocated or cleared
+    void init_norms();
 
     // llama.cpp rotates quantized K (V) rows with a Hadamard matrix before caching them (attn_rot_k/v,
     // the matrices by size): aligned pools move their rotation into that basis. Call once, before
@@ -235,6 +247,7 @@ private:
         std::vector<float>   dist;         // angular distance of merged cells
         std::vector<float>   norm_host[2]; // the norms of merged cells; the norm tensors hold them only
                                            // for cells without a slot (see sync_norm)
+        std::vector<float>   norm_dev[2];  // what the norm tensors hold (flush() writes only what differs)
 
         // lowest free slot first: the slot of a token depends only on which slots are free, so a
         // cache emptied and refilled lays its rows out as a fresh one does
@@ -249,6 +262,13 @@ private:
         std::vector<uint32_t> pend_norm;
         std::vector<uint8_t>  norm_pending;
     };
+
+    // construction: the LLAMA_MINICACHE_* test variables, the (pair, kind) list (explicit, or every pair
+    // from start_layer), the cache types each merged kind can hold, one pool checked against the model
+    void read_test_env();
+    std::vector<llama_minicache_pair_spec> pair_list(int32_t n_layer) const;
+    void check_types(const std::vector<llama_minicache_pair_spec> & todo) const;
+    pool make_pool(const llama_minicache_pair_spec & q, int32_t n_layer) const;
 
     // where the merge step's graphs run: a backend for the buffer type holding pool tensors
     struct merge_backend {
@@ -271,7 +291,7 @@ private:
     int32_t  start_layer  = 0;
     int32_t  n_pairs      = 0;
     uint32_t n_seq        = 1; // sequences the cache holds (n_seq_max; one unified stream)
-    uint32_t n_stage      = 0; // staging capacity of one sequence: max(window, n_ubatch)
+    uint32_t n_stage      = 0; // staging capacity of one sequence: max(window + LLAMA_MINICACHE_MERGE_BLOCK, n_ubatch)
     uint32_t n_stage_all  = 0; // of all sequences: min(n_seq * n_stage, kv_size)
     uint32_t n_retain_max = 0; // retention capacity: ceil(gamma * kv_size) + n_seq - 1 (each sequence's ceil)
     uint32_t n_slots      = 0; // n_stage_all + n_retain_max
@@ -286,12 +306,21 @@ private:
     std::vector<uint64_t> stage_seq;
     uint64_t              stage_counter = 0;
 
+    // the staged cells as (cell, staging order), oldest first: an entry is live while its cell is staged
+    // with that order (merged and released cells leave dead entries, dropped in bulk), so prepare()
+    // visits the staging pools, not every cell
+    std::vector<std::pair<uint32_t, uint64_t>> stage_list;
+    bool is_staged_entry(const std::pair<uint32_t, uint64_t> & e) const { return staged[e.first] && stage_seq[e.first] == e.second; }
+    void rebuild_stage_list();
+
     uint32_t n_staged_cur = 0;
     uint32_t n_merged_cur = 0;
 
     std::vector<merge_backend> backends;
     mutable int64_t n_host_rows = 0;
     int64_t         n_graphs    = 0;
+    int64_t         n_uploads   = 0; // host-to-device copies of the merge step (its inputs)
+    int64_t         n_syncs     = 0; // blocking waits of the merge step (graph computes, read-backs)
     // LLAMA_MINICACHE_FAIL_GRAPH=N (read at creation): the merge graph run as number N fails once, as a
     // backend failure would (tests of the recovery from a failed merge step)
     int64_t         fail_graph  = -1;

@@ -203,6 +203,7 @@ void llama_kv_cache::minicache_set_attn_rot() {
     }
     if (!hparams.no_alloc) {
         mc->upload_rotations();
+        mc->init_norms();
     }
 }
 
