@@ -304,6 +304,104 @@ static ggml_tensor * weighted_rows(ggml_context * ctx, ggml_tensor * x, ggml_ten
     return ggml_reshape_3d(ctx, res, x->ne[0], n_tokens, n_head);
 }
 
+ggml_tensor * llama_kv_minicache::fold_scores(ggml_context * ctx, ggml_tensor * q, int32_t il, uint32_t n_kv,
+        uint32_t n_embd_head_k, uint32_t n_head_kv, const llama_kv_minicache_inputs & inp) const {
+    const int32_t ipk = pool_of[2*il + KIND_K];
+    const auto & p = pools[ipk];
+    ggml_tensor * kq;
+    const int x = il == p.il[0] ? 0 : 1;
+    const size_t rh = ggml_row_size(p.dir->type, n_embd_head_k); // one head of a row (whole blocks)
+
+    // merged cells: norm_c * (dir_c . q), or norm_c * (dir_c . q R) for the rotated layer
+    const int32_t rot = x == 0 ? p.rot : LLAMA_MINICACHE_ROT_NONE;
+    if (rot == LLAMA_MINICACHE_ROT_FULL) {
+        // each head's query becomes a whole row: q_h R[rows of kv head h] [n_embd, n_tokens, n_head]
+        const size_t ef = ggml_element_size(p.rot_t);
+        ggml_tensor * w  = ggml_view_3d(ctx, p.rot_t, n_embd_head_k, p.n_embd, n_head_kv, ef*p.n_embd, ef*n_embd_head_k, 0);
+        ggml_tensor * qr = ggml_mul_mat(ctx, w, q);
+        ggml_tensor * dir = ggml_view_2d(ctx, p.dir, p.n_embd, n_kv, p.dir->nb[1], 0);
+        kq = ggml_mul_mat(ctx, dir, ggml_reshape_2d(ctx, qr, p.n_embd, qr->ne[1]*qr->ne[2]));
+        ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+        kq = ggml_reshape_3d(ctx, kq, n_kv, qr->ne[1], qr->ne[2]);
+    } else {
+        // per head: q_h R_h
+        ggml_tensor * qr = rot == LLAMA_MINICACHE_ROT_HEAD ? ggml_mul_mat(ctx, p.rot_t, q) : q;
+        ggml_tensor * dir = ggml_view_3d(ctx, p.dir, n_embd_head_k, n_head_kv, n_kv, rh, p.dir->nb[1], 0);
+        kq = ggml_mul_mat(ctx, ggml_permute(ctx, dir, 0, 2, 1, 3), qr);
+        ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+    }
+    kq = ggml_mul(ctx, kq, ggml_view_1d(ctx, p.norm[x], n_kv, 0)); // a: 0, b: 1 for cells with a slot
+
+    if (x == 0) {
+        // layer a's exact cells: x_c . q per slot, added to the cells that own the slots (the others get 0)
+        ggml_tensor * rows = ggml_view_3d(ctx, p.rows, n_embd_head_k, n_head_kv, n_rows, rh, p.rows->nb[1], 0);
+        ggml_tensor * kq_x = ggml_mul_mat(ctx, ggml_permute(ctx, rows, 0, 2, 1, 3), q); // [n_rows, n_tokens, n_head]
+        ggml_mul_mat_set_prec(kq_x, GGML_PREC_F32);
+        // scattered to their cells in a zeroed [n_kv + 1, n_tokens, n_head] (free slots write the spare cell)
+        const int64_t nth = kq_x->ne[1]*kq_x->ne[2];
+        ggml_tensor * sc = ggml_set_rows(ctx, inp.fold_zero[ipk], ggml_reshape_3d(ctx, kq_x, 1, n_rows, nth), inp.fold_idxs[ipk]);
+        sc = ggml_view_3d(ctx, sc, n_kv, kq_x->ne[1], kq_x->ne[2], sc->nb[1]*(n_kv + 1), sc->nb[1]*(n_kv + 1)*kq_x->ne[1], 0);
+        kq = ggml_add(ctx, kq, sc);
+    }
+    return kq;
+}
+
+ggml_tensor * llama_kv_minicache::fold_values(ggml_context * ctx, ggml_tensor * kq, int32_t il, uint32_t n_kv,
+        uint32_t n_embd_head_v, uint32_t n_head_kv, const llama_kv_minicache_inputs & inp) const {
+    const int32_t ipv = pool_of[2*il + KIND_V];
+    const auto & p = pools[ipv];
+    ggml_tensor * kqv;
+    const int x = il == p.il[0] ? 0 : 1;
+
+    // merged cells: sum_c (p_c norm_c) dir_c, rotated back once per output row for the rotated layer
+    const int32_t rot = x == 0 ? p.rot : LLAMA_MINICACHE_ROT_NONE;
+    ggml_tensor * kqn  = ggml_mul(ctx, kq, ggml_view_1d(ctx, p.norm[x], n_kv, 0)); // a: 0, b: 1 for cells with a slot
+    if (!dir_trans(p)) {
+        // quantized V, stored by rows: weighted sums of whole rows (blocks run along the row)
+        const size_t rh = ggml_row_size(p.dir->type, n_embd_head_v);
+        if (rot == LLAMA_MINICACHE_ROT_FULL) {
+            ggml_tensor * dir = ggml_view_3d(ctx, p.dir, p.n_embd, n_kv, 1, p.dir->nb[1], p.dir->nb[1]*n_kv, 0);
+            ggml_tensor * u = weighted_rows(ctx, dir,
+                    ggml_reshape_3d(ctx, kqn, n_kv, kqn->ne[1], kqn->ne[2])); // [n_embd, n_tokens, n_head]
+            const size_t ef = ggml_element_size(p.rot_t);
+            ggml_tensor * w = ggml_view_3d(ctx, p.rot_t, p.n_embd, n_embd_head_v, n_head_kv, ef*p.n_embd, ef*p.n_embd*n_embd_head_v, 0);
+            kqv = ggml_mul_mat(ctx, w, u);
+        } else {
+            ggml_tensor * dir = ggml_view_3d(ctx, p.dir, n_embd_head_v, n_kv, n_head_kv, p.dir->nb[1], rh, 0);
+            kqv = weighted_rows(ctx, dir, kqn);
+            if (rot == LLAMA_MINICACHE_ROT_HEAD) {
+                kqv = ggml_mul_mat(ctx, p.rot_t, kqv);
+            }
+        }
+        if (x == 0) {
+            ggml_tensor * rows = ggml_view_3d(ctx, p.rows, n_embd_head_v, n_rows, n_head_kv, p.rows->nb[1], rh, 0);
+            kqv = ggml_add(ctx, kqv, weighted_rows(ctx, rows, gather_dim0(ctx, kq, inp.fold_idxs[ipv])));
+        }
+    } else if (rot == LLAMA_MINICACHE_ROT_FULL) {
+        // each head sums whole direction rows [n_embd, n_tokens, n_head], then R^T maps them to its head
+        ggml_tensor * dir = ggml_view_2d(ctx, p.dir, n_kv, p.n_embd, p.dir->nb[1], 0);
+        ggml_tensor * u = ggml_mul_mat(ctx, dir, ggml_reshape_2d(ctx, kqn, n_kv, kqn->ne[1]*kqn->ne[2]));
+        u = ggml_reshape_3d(ctx, u, p.n_embd, kqn->ne[1], kqn->ne[2]);
+        const size_t ef = ggml_element_size(p.rot_t);
+        ggml_tensor * w = ggml_view_3d(ctx, p.rot_t, p.n_embd, n_embd_head_v, n_head_kv, ef*p.n_embd, ef*p.n_embd*n_embd_head_v, 0);
+        kqv = ggml_mul_mat(ctx, w, u);
+    } else {
+        ggml_tensor * dir = ggml_view_3d(ctx, p.dir, n_kv, n_embd_head_v, n_head_kv, p.dir->nb[1], p.dir->nb[1]*n_embd_head_v, 0);
+        kqv = ggml_mul_mat(ctx, dir, kqn);
+        if (rot == LLAMA_MINICACHE_ROT_HEAD) {
+            kqv = ggml_mul_mat(ctx, p.rot_t, kqv);
+        }
+    }
+
+    if (dir_trans(p) && x == 0) {
+        // layer a's exact cells: sum_s p_cell(s) x_s (free slots hold zero rows)
+        ggml_tensor * rows_t = ggml_view_3d(ctx, p.rows, n_rows, n_embd_head_v, n_head_kv,
+                p.rows->nb[1], p.rows->nb[1]*n_embd_head_v, 0); // [n_rows, n_embd] stored transposed
+        kqv = ggml_add(ctx, kqv, ggml_mul_mat(ctx, rows_t, gather_dim0(ctx, kq, inp.fold_idxs[ipv])));
+    }
+    return kqv;
+}
+
 ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q_cur, ggml_tensor * k_dense, ggml_tensor * v_dense,
         ggml_tensor * kq_mask, float kq_scale, float max_bias, int32_t il, uint32_t n_kv,
         uint32_t n_embd_head_k, uint32_t n_embd_head_v, uint32_t n_head_kv, const llama_kv_minicache_inputs & inp) const {
@@ -323,41 +421,7 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
         kq = ggml_mul_mat(ctx, ggml_permute(ctx, k_dense, 0, 2, 1, 3), q);
         ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
     } else {
-        const auto & p = pools[ipk];
-        const int x = il == p.il[0] ? 0 : 1;
-        const size_t rh = ggml_row_size(p.dir->type, n_embd_head_k); // one head of a row (whole blocks)
-
-        // merged cells: norm_c * (dir_c . q), or norm_c * (dir_c . q R) for the rotated layer
-        const int32_t rot = x == 0 ? p.rot : LLAMA_MINICACHE_ROT_NONE;
-        if (rot == LLAMA_MINICACHE_ROT_FULL) {
-            // each head's query becomes a whole row: q_h R[rows of kv head h] [n_embd, n_tokens, n_head]
-            const size_t ef = ggml_element_size(p.rot_t);
-            ggml_tensor * w  = ggml_view_3d(ctx, p.rot_t, n_embd_head_k, p.n_embd, n_head_kv, ef*p.n_embd, ef*n_embd_head_k, 0);
-            ggml_tensor * qr = ggml_mul_mat(ctx, w, q);
-            ggml_tensor * dir = ggml_view_2d(ctx, p.dir, p.n_embd, n_kv, p.dir->nb[1], 0);
-            kq = ggml_mul_mat(ctx, dir, ggml_reshape_2d(ctx, qr, p.n_embd, qr->ne[1]*qr->ne[2]));
-            ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
-            kq = ggml_reshape_3d(ctx, kq, n_kv, qr->ne[1], qr->ne[2]);
-        } else {
-            // per head: q_h R_h
-            ggml_tensor * qr = rot == LLAMA_MINICACHE_ROT_HEAD ? ggml_mul_mat(ctx, p.rot_t, q) : q;
-            ggml_tensor * dir = ggml_view_3d(ctx, p.dir, n_embd_head_k, n_head_kv, n_kv, rh, p.dir->nb[1], 0);
-            kq = ggml_mul_mat(ctx, ggml_permute(ctx, dir, 0, 2, 1, 3), qr);
-            ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
-        }
-        kq = ggml_mul(ctx, kq, ggml_view_1d(ctx, p.norm[x], n_kv, 0)); // a: 0, b: 1 for cells with a slot
-
-        if (x == 0) {
-            // layer a's exact cells: x_c . q per slot, added to the cells that own the slots (the others get 0)
-            ggml_tensor * rows = ggml_view_3d(ctx, p.rows, n_embd_head_k, n_head_kv, n_rows, rh, p.rows->nb[1], 0);
-            ggml_tensor * kq_x = ggml_mul_mat(ctx, ggml_permute(ctx, rows, 0, 2, 1, 3), q); // [n_rows, n_tokens, n_head]
-            ggml_mul_mat_set_prec(kq_x, GGML_PREC_F32);
-            // scattered to their cells in a zeroed [n_kv + 1, n_tokens, n_head] (free slots write the spare cell)
-            const int64_t nth = kq_x->ne[1]*kq_x->ne[2];
-            ggml_tensor * sc = ggml_set_rows(ctx, inp.fold_zero[ipk], ggml_reshape_3d(ctx, kq_x, 1, n_rows, nth), inp.fold_idxs[ipk]);
-            sc = ggml_view_3d(ctx, sc, n_kv, kq_x->ne[1], kq_x->ne[2], sc->nb[1]*(n_kv + 1), sc->nb[1]*(n_kv + 1)*kq_x->ne[1], 0);
-            kq = ggml_add(ctx, kq, sc);
-        }
+        kq = fold_scores(ctx, q, il, n_kv, n_embd_head_k, n_head_kv, inp);
     }
 
     kq = ggml_soft_max_ext(ctx, kq, kq_mask, kq_scale, max_bias);
@@ -370,55 +434,7 @@ ggml_tensor * llama_kv_minicache::build_attn(ggml_context * ctx, ggml_tensor * q
         // V stored by rows (flash attention on): weighted sums of the rows, read in place
         kqv = weighted_rows(ctx, ggml_permute(ctx, v_dense, 0, 2, 1, 3), kq);
     } else {
-        const auto & p = pools[ipv];
-        const int x = il == p.il[0] ? 0 : 1;
-
-        // merged cells: sum_c (p_c norm_c) dir_c, rotated back once per output row for the rotated layer
-        const int32_t rot = x == 0 ? p.rot : LLAMA_MINICACHE_ROT_NONE;
-        ggml_tensor * kqn  = ggml_mul(ctx, kq, ggml_view_1d(ctx, p.norm[x], n_kv, 0)); // a: 0, b: 1 for cells with a slot
-        if (!dir_trans(p)) {
-            // quantized V, stored by rows: weighted sums of whole rows (blocks run along the row)
-            const size_t rh = ggml_row_size(p.dir->type, n_embd_head_v);
-            if (rot == LLAMA_MINICACHE_ROT_FULL) {
-                ggml_tensor * dir = ggml_view_3d(ctx, p.dir, p.n_embd, n_kv, 1, p.dir->nb[1], p.dir->nb[1]*n_kv, 0);
-                ggml_tensor * u = weighted_rows(ctx, dir,
-                        ggml_reshape_3d(ctx, kqn, n_kv, kqn->ne[1], kqn->ne[2])); // [n_embd, n_tokens, n_head]
-                const size_t ef = ggml_element_size(p.rot_t);
-                ggml_tensor * w = ggml_view_3d(ctx, p.rot_t, p.n_embd, n_embd_head_v, n_head_kv, ef*p.n_embd, ef*p.n_embd*n_embd_head_v, 0);
-                kqv = ggml_mul_mat(ctx, w, u);
-            } else {
-                ggml_tensor * dir = ggml_view_3d(ctx, p.dir, n_embd_head_v, n_kv, n_head_kv, p.dir->nb[1], rh, 0);
-                kqv = weighted_rows(ctx, dir, kqn);
-                if (rot == LLAMA_MINICACHE_ROT_HEAD) {
-                    kqv = ggml_mul_mat(ctx, p.rot_t, kqv);
-                }
-            }
-            if (x == 0) {
-                ggml_tensor * rows = ggml_view_3d(ctx, p.rows, n_embd_head_v, n_rows, n_head_kv, p.rows->nb[1], rh, 0);
-                kqv = ggml_add(ctx, kqv, weighted_rows(ctx, rows, gather_dim0(ctx, kq, inp.fold_idxs[ipv])));
-            }
-        } else if (rot == LLAMA_MINICACHE_ROT_FULL) {
-            // each head sums whole direction rows [n_embd, n_tokens, n_head], then R^T maps them to its head
-            ggml_tensor * dir = ggml_view_2d(ctx, p.dir, n_kv, p.n_embd, p.dir->nb[1], 0);
-            ggml_tensor * u = ggml_mul_mat(ctx, dir, ggml_reshape_2d(ctx, kqn, n_kv, kqn->ne[1]*kqn->ne[2]));
-            u = ggml_reshape_3d(ctx, u, p.n_embd, kqn->ne[1], kqn->ne[2]);
-            const size_t ef = ggml_element_size(p.rot_t);
-            ggml_tensor * w = ggml_view_3d(ctx, p.rot_t, p.n_embd, n_embd_head_v, n_head_kv, ef*p.n_embd, ef*p.n_embd*n_embd_head_v, 0);
-            kqv = ggml_mul_mat(ctx, w, u);
-        } else {
-            ggml_tensor * dir = ggml_view_3d(ctx, p.dir, n_kv, n_embd_head_v, n_head_kv, p.dir->nb[1], p.dir->nb[1]*n_embd_head_v, 0);
-            kqv = ggml_mul_mat(ctx, dir, kqn);
-            if (rot == LLAMA_MINICACHE_ROT_HEAD) {
-                kqv = ggml_mul_mat(ctx, p.rot_t, kqv);
-            }
-        }
-
-        if (dir_trans(p) && x == 0) {
-            // layer a's exact cells: sum_s p_cell(s) x_s (free slots hold zero rows)
-            ggml_tensor * rows_t = ggml_view_3d(ctx, p.rows, n_rows, n_embd_head_v, n_head_kv,
-                    p.rows->nb[1], p.rows->nb[1]*n_embd_head_v, 0); // [n_rows, n_embd] stored transposed
-            kqv = ggml_add(ctx, kqv, ggml_mul_mat(ctx, rows_t, gather_dim0(ctx, kq, inp.fold_idxs[ipv])));
-        }
+        kqv = fold_values(ctx, kq, il, n_kv, n_embd_head_v, n_head_kv, inp);
     }
 
     ggml_tensor * cur = ggml_permute(ctx, kqv, 0, 2, 1, 3); // [n_embd_head_v, n_head, n_tokens]

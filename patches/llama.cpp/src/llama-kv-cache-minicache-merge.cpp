@@ -530,7 +530,7 @@ void llama_kv_minicache::merge_cells(const std::vector<uint32_t> & cells_to_merg
     n_merged_cur += (uint32_t) n;
 }
 
-void llama_kv_minicache::flush() {
+void llama_kv_minicache::drop_unchanged_norms() {
     // norms the tensors already hold need no write (a new token's slot, a cell released twice)
     for (auto & p : pools) {
         std::vector<uint32_t> stale;
@@ -548,6 +548,74 @@ void llama_kv_minicache::flush() {
         }
         p.pend_norm.swap(stale);
     }
+}
+
+std::vector<size_t> llama_kv_minicache::build_demotions(ggml_context * ctx, ggml_cgraph * gf, size_t ib,
+        std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) {
+    std::vector<size_t> mine;
+    for (size_t ip = 0; ip < pools.size(); ++ip) {
+        if (!pools[ip].pend_demote.empty() && backend_of(pools[ip].dir) == ib) {
+            mine.push_back(ip);
+        }
+    }
+    // one merge per row width, the pools side by side (see merge_cells)
+    for (const auto & g : width_groups(mine)) {
+        std::vector<std::vector<int32_t>> slots(g.size()), cells(g.size());
+        for (size_t k = 0; k < g.size(); ++k) {
+            for (const auto & cs : pools[g[k]].pend_demote) {
+                cells[k].push_back((int32_t) cs.first);
+                slots[k].push_back(cs.second);
+            }
+        }
+        ggml_tensor * x[3];
+        merge_inputs(ctx, g, slots, cells, inputs, x);
+        ggml_tensor * d = nullptr;
+        build_merge(ctx, x[0], x[1], x[2], &d);
+        int64_t off = 0;
+        for (size_t k = 0; k < g.size(); ++k) {
+            const pool & p = pools[g[k]];
+            const int64_t m = (int64_t) cells[k].size();
+            ggml_tensor * dk = ggml_view_2d(ctx, d, d->ne[0], m, d->nb[1], off*d->nb[1]);
+            ggml_build_forward_expand(gf, scatter(ctx, p.dir, dk, cells[k], dir_trans(p), inputs));
+            off += m;
+        }
+    }
+    return mine;
+}
+
+void llama_kv_minicache::build_zeroes_and_norms(ggml_context * ctx, ggml_cgraph * gf, size_t ib,
+        std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs) {
+    for (const auto & p : pools) {
+        const auto zero_rows = [&](ggml_tensor * t, std::vector<int32_t> idx) {
+            std::sort(idx.begin(), idx.end());
+            idx.erase(std::unique(idx.begin(), idx.end()), idx.end());
+            ggml_tensor * z = ggml_fill(ctx, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, p.n_embd, (int64_t) idx.size()), 0.0f);
+            ggml_build_forward_expand(gf, scatter(ctx, t, z, idx, dir_trans(p), inputs));
+        };
+        if (!p.pend_zero_slots.empty() && backend_of(p.rows) == ib) {
+            zero_rows(p.rows, p.pend_zero_slots);
+        }
+        if (!p.pend_zero_cells.empty() && backend_of(p.dir) == ib) {
+            zero_rows(p.dir, std::vector<int32_t>(p.pend_zero_cells.begin(), p.pend_zero_cells.end()));
+        }
+        for (int x = 0; x < 2; ++x) {
+            if (p.pend_norm.empty() || backend_of(p.norm[x]) != ib) {
+                continue;
+            }
+            std::vector<float> v;
+            std::vector<int32_t> idx;
+            for (uint32_t c : p.pend_norm) {
+                v.push_back(norm_value(p, c, x));
+                idx.push_back((int32_t) c);
+            }
+            ggml_tensor * src = ggml_reshape_2d(ctx, mc_input(ctx, GGML_TYPE_F32, v, inputs), 1, (int64_t) v.size());
+            ggml_build_forward_expand(gf, scatter(ctx, p.norm[x], src, idx, false, inputs));
+        }
+    }
+}
+
+void llama_kv_minicache::flush() {
+    drop_unchanged_norms();
 
     bool any = false;
     for (const auto & p : pools) {
@@ -582,63 +650,9 @@ void llama_kv_minicache::flush() {
 
             std::vector<size_t> mine;
             if (round == 0) {
-                for (size_t ip = 0; ip < pools.size(); ++ip) {
-                    if (!pools[ip].pend_demote.empty() && backend_of(pools[ip].dir) == ib) {
-                        mine.push_back(ip);
-                    }
-                }
-                // one merge per row width, the pools side by side (see merge_cells)
-                for (const auto & g : width_groups(mine)) {
-                    std::vector<std::vector<int32_t>> slots(g.size()), cells(g.size());
-                    for (size_t k = 0; k < g.size(); ++k) {
-                        for (const auto & cs : pools[g[k]].pend_demote) {
-                            cells[k].push_back((int32_t) cs.first);
-                            slots[k].push_back(cs.second);
-                        }
-                    }
-                    ggml_tensor * x[3];
-                    merge_inputs(ctx, g, slots, cells, inputs, x);
-                    ggml_tensor * d = nullptr;
-                    build_merge(ctx, x[0], x[1], x[2], &d);
-                    int64_t off = 0;
-                    for (size_t k = 0; k < g.size(); ++k) {
-                        const pool & p = pools[g[k]];
-                        const int64_t m = (int64_t) cells[k].size();
-                        ggml_tensor * dk = ggml_view_2d(ctx, d, d->ne[0], m, d->nb[1], off*d->nb[1]);
-                        ggml_build_forward_expand(gf, scatter(ctx, p.dir, dk, cells[k], dir_trans(p), inputs));
-                        off += m;
-                    }
-                }
-            }
-            for (auto & p : pools) {
-                if (round == 0) {
-                    break;
-                }
-                const auto zero_rows = [&](ggml_tensor * t, std::vector<int32_t> idx) {
-                    std::sort(idx.begin(), idx.end());
-                    idx.erase(std::unique(idx.begin(), idx.end()), idx.end());
-                    ggml_tensor * z = ggml_fill(ctx, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, p.n_embd, (int64_t) idx.size()), 0.0f);
-                    ggml_build_forward_expand(gf, scatter(ctx, t, z, idx, dir_trans(p), inputs));
-                };
-                if (!p.pend_zero_slots.empty() && backend_of(p.rows) == ib) {
-                    zero_rows(p.rows, p.pend_zero_slots);
-                }
-                if (!p.pend_zero_cells.empty() && backend_of(p.dir) == ib) {
-                    zero_rows(p.dir, std::vector<int32_t>(p.pend_zero_cells.begin(), p.pend_zero_cells.end()));
-                }
-                for (int x = 0; x < 2; ++x) {
-                    if (p.pend_norm.empty() || backend_of(p.norm[x]) != ib) {
-                        continue;
-                    }
-                    std::vector<float> v;
-                    std::vector<int32_t> idx;
-                    for (uint32_t c : p.pend_norm) {
-                        v.push_back(norm_value(p, c, x));
-                        idx.push_back((int32_t) c);
-                    }
-                    ggml_tensor * src = ggml_reshape_2d(ctx, mc_input(ctx, GGML_TYPE_F32, v, inputs), 1, (int64_t) v.size());
-                    ggml_build_forward_expand(gf, scatter(ctx, p.norm[x], src, idx, false, inputs));
-                }
+                mine = build_demotions(ctx, gf, ib, inputs);
+            } else {
+                build_zeroes_and_norms(ctx, gf, ib, inputs);
             }
 
             if (ggml_graph_n_nodes(gf) > 0) {

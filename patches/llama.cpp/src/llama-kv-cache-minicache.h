@@ -378,7 +378,6 @@ private:
     // the merge step on the device (see flush)
     size_t backend_of(const ggml_tensor * t);
     void init_backends();
-    // compute gf on backends[ib] after uploading inputs (tensor, bytes)
     void check_merge_graphs();
     bool backend_has_op(size_t ib, ggml_tensor * node) const;
     void check_fold_ops();
@@ -386,6 +385,7 @@ private:
     std::vector<size_t> pools_on(size_t ib);
     // every node of gf is an op the backend runs (else an error naming op, type and backend)
     void check_ops(size_t ib, ggml_cgraph * gf) const;
+    // compute gf on backends[ib] after uploading inputs (tensor, bytes)
     void compute(size_t ib, ggml_cgraph * gf, const std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs);
     // rows idx (cells of dir, slots of rows) of a pool tensor as F32 [n_embd, n]
     ggml_tensor * gather(ggml_context * ctx, const pool & p, ggml_tensor * t, const std::vector<int32_t> & idx,
@@ -408,10 +408,24 @@ private:
     ggml_tensor * rotate(ggml_context * ctx, const pool & p, ggml_tensor * x) const;
     // apply the pending device writes of every pool: demoted directions, then zeroed rows and norms
     void flush();
+    // forget pending norm writes whose values the norm tensors already hold
+    void drop_unchanged_norms();
+    // flush's round 0 on backend ib: the demoted cells' directions into gf; returns the pools written
+    std::vector<size_t> build_demotions(ggml_context * ctx, ggml_cgraph * gf, size_t ib,
+            std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs);
+    // flush's round 1 on backend ib: freed slots' and released cells' rows zeroed, changed norms written
+    void build_zeroes_and_norms(ggml_context * ctx, ggml_cgraph * gf, size_t ib,
+            std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> & inputs);
     // forget a pool's pending writes (applied, or nothing to apply them to)
     static void drop_pending(pool & p);
     // restored merged part of layer a of an aligned pool: cur [n_embd, n] * R^T, in F32
     ggml_tensor * unrotate(ggml_context * ctx, const pool & p, ggml_tensor * cur) const;
+    // the folded attention of a merged K (scores [n_kv, n_tokens, n_head] of q [n_embd_head_k, n_tokens,
+    // n_head]) and of a merged V (the weighted sum [n_embd_head_v, n_tokens, n_head] of the softmax kq)
+    ggml_tensor * fold_scores(ggml_context * ctx, ggml_tensor * q, int32_t il, uint32_t n_kv,
+            uint32_t n_embd_head_k, uint32_t n_head_kv, const llama_kv_minicache_inputs & inp) const;
+    ggml_tensor * fold_values(ggml_context * ctx, ggml_tensor * kq, int32_t il, uint32_t n_kv,
+            uint32_t n_embd_head_v, uint32_t n_head_kv, const llama_kv_minicache_inputs & inp) const;
     std::vector<int32_t> layout_desc() const;
     // keep the most distinct merged cells of sequence seq_id in a pool's slots, demote its others;
     // pending[c]: cell c merged in this step, its sequences' retention still to run
